@@ -1,0 +1,93 @@
+"""The per-connection controller process of the discon-server.
+
+Run as ``python -m discon_manager.controller.worker LIBRARY PROC`` with the
+connection's private directory as its working directory. Requests arrive on
+fd 3 and replies leave on fd 4, each as a 4-byte little-endian length and a
+wire frame; fds 1 and 2 stay the controller's own (Fortran ``PRINT`` writes to
+unit 6), so nothing the controller prints can corrupt a reply.
+
+One process per connection is what isolates sessions: a fresh copy of the
+library in a fresh process has no state, no Fortran unit and no file in common
+with any other session, and a controller that segfaults, aborts or calls
+``exit`` ends only this process, which the server reports to its own client.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import struct
+import sys
+
+from discon_manager.controller.library import Controller, ControllerLoadError
+from discon_manager.protocol import FrameError, error_reply, parse_header
+
+REQUEST_FD = 3
+REPLY_FD = 4
+_LEN = struct.Struct("<I")
+
+
+def _read_exactly(fd: int, n: int) -> bytearray | None:
+    buf = bytearray(n)
+    view = memoryview(buf)
+    got = 0
+    while got < n:
+        k = os.readv(fd, [view[got:]])
+        if k == 0:
+            return None
+        got += k
+    return buf
+
+
+def _write_all(fd: int, data: bytes | bytearray) -> None:
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view) :]
+
+
+def seed_workdir(library: str) -> str:
+    """Copy the library's directory (the library and its data files) into the cwd.
+
+    The copy is what gives each session a library of its own, and the data
+    files let a v1 client, which cannot transfer files, name an input file
+    that ships in the image. Returns the path of the library's copy.
+    """
+    src = os.path.abspath(library)
+    if not os.path.isfile(src):
+        return src  # Controller() reports it
+    src_dir = os.path.dirname(src)
+    for entry in os.scandir(src_dir):
+        if entry.is_file() and not os.path.exists(entry.name):
+            shutil.copy2(entry.path, entry.name)
+    return os.path.abspath(os.path.basename(src))
+
+
+def main(argv: list[str]) -> int:
+    library, proc = argv[1], argv[2]
+    fatal = None
+    try:
+        controller = Controller(seed_workdir(library), proc)
+    except (ControllerLoadError, OSError) as e:
+        fatal = str(e).replace(os.path.abspath(os.path.basename(library)), library)
+        print(f"discon-worker: {fatal}", file=sys.stderr, flush=True)
+    while True:
+        head = _read_exactly(REQUEST_FD, 4)
+        if head is None:
+            return 0
+        frame = _read_exactly(REQUEST_FD, _LEN.unpack(head)[0])
+        if frame is None:
+            return 0
+        try:
+            header = parse_header(frame, max_size=len(frame))
+        except FrameError:
+            return 3  # the server validated this frame: a mismatch is a bug, not a reply
+        if fatal is not None:
+            reply = error_reply(frame, fatal)
+        else:
+            controller.call_frame(frame, header)
+            reply = frame
+        _write_all(REPLY_FD, _LEN.pack(len(reply)) + reply)
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv))

@@ -1,0 +1,35 @@
+"""Shared fixtures: the real compiled controllers, built on this machine."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+CONTROLLERS_SRC = ROOT / "tests" / "controllers"
+DATA = ROOT / "tests" / "data"
+
+
+@pytest.fixture(scope="session")
+def controller_libs() -> dict[str, Path]:
+    """Compile test-discon (C) and nrel5mw (Fortran) for in-process use.
+
+    Returns {"default": path to libtest_discon.so, "nrel5mw": path to libnrel5mw.so}.
+    The same Makefile builds them inside the controller images.
+    """
+    out = ROOT / "build" / "controllers"
+    out.mkdir(parents=True, exist_ok=True)
+    subprocess.run(["make", "-s", "-C", str(CONTROLLERS_SRC), f"OUT={out}"], check=True)
+    return {"default": out / "libtest_discon.so", "nrel5mw": out / "libnrel5mw.so"}
+
+
+@pytest.fixture(scope="session")
+def nrel5mw_infile() -> Path:
+    return DATA / "nrel5mw" / "DISCON.IN"
+
+
+def pytest_report_header(config: pytest.Config) -> str:
+    return f"docker host: {os.environ.get('DOCKER_HOST', 'unix:///var/run/docker.sock')}"
