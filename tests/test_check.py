@@ -10,6 +10,7 @@ byte for byte.
 from __future__ import annotations
 
 import csv
+import json
 import math
 import os
 import shutil
@@ -17,6 +18,7 @@ import socket
 import struct
 import subprocess
 import sys
+from array import array
 from pathlib import Path
 from typing import Any
 
@@ -38,6 +40,7 @@ from discon_manager.check.driver import (
     OUTNAME_SIZE,
     SWAP_SIZE,
     CallBuffers,
+    InProcessTransport,
     RunConfig,
     drive,
     run_in_process,
@@ -55,6 +58,7 @@ from discon_manager.controller.library import Controller
 from discon_manager.protocol import (
     V1,
     V2,
+    Message,
     decode,
     encode,
     parse_header,
@@ -77,6 +81,46 @@ def lib_copy(libs: dict[str, Path], which: str, tmp_path: Path, name: str) -> Pa
 
 def run_local(lib: Path, proc: str, infile: str, csv: Path, duration: float) -> Any:
     return run_in_process(lib, proc, RunConfig(infile=infile, duration=duration, csv_path=csv))
+
+
+class RecordingInProcess(InProcessTransport):
+    """In-process calls that also build the frame a client must send for each call.
+
+    The expected frame is made with protocol.encode from the very buffers the
+    library is handed, so comparing it with what the server received checks
+    the client byte for byte: header, every swap record, aviFAIL, strings.
+    ``server_name`` is the v2 client's rewrite of accINFILE (and record 50).
+    """
+
+    def __init__(self, library: Path, proc: str, version: int,
+                 server_name: str | None = None) -> None:
+        super().__init__(library, proc)
+        self.version = version
+        self.server_name = server_name
+        self.expected: list[bytes] = []
+
+    def open(self, bufs: CallBuffers) -> None:
+        super().open(bufs)
+        self.bufs = bufs
+
+    def call(self) -> None:
+        b = self.bufs
+        swap = array("f", bytes(b.swap))
+        infile = b.infile.raw
+        if self.server_name is not None:
+            infile = self.server_name.encode() + b"\0"
+            swap[49] = len(infile)
+        self.expected.append(encode(Message(
+            swap=swap, fail=b.fail.value, infile=infile, outname=b.outname.raw,
+            msg=b.msg.raw, version=self.version)))
+        return super().call()
+
+
+def record_local(lib: Path, proc: str, infile: str, csv: Path, duration: float, version: int,
+                 server_name: str | None = None) -> tuple[Any, list[bytes]]:
+    t = RecordingInProcess(lib, proc, version, server_name)
+    r = run_sync(drive(t, RunConfig(infile=infile, duration=duration, csv_path=csv)))
+    return r, t.expected
 
 
 # -- plant ------------------------------------------------------------------------
@@ -200,6 +244,17 @@ def test_load_errors_exit_2(tmp_path: Path, controller_libs: dict[str, Path],
     assert cli.main(["--library", str(lib), "--proc", "DISCON"]) == 2
     err = capsys.readouterr().err
     assert "no symbol 'DISCON'" in err and "discon" in err and len(err.splitlines()) == 1
+
+
+def test_json_summary(controller_libs: dict[str, Path], tmp_path: Path,
+                      capsys: pytest.CaptureFixture[str]) -> None:
+    lib = lib_copy(controller_libs, "default", tmp_path, "json")
+    assert cli.main(["--library", str(lib), "--proc", "discon", "--duration", "2", "--json"]) == 0
+    s = json.loads(capsys.readouterr().out)
+    assert s["ok"] and s["calls"] == 161 and s["final_aviFAIL"] == 0
+    assert s["final_avcMSG"] == "DISCON called 161 times"
+    assert s["latency_us"]["p50"] <= s["latency_us"]["p99"] <= s["latency_us"]["max"]
+    assert s["cold_start_s"] > 0 and set(s["regions"]) == {"1", "1.5", "2", "2.5", "3"}
 
 
 class ScriptedTransport:
@@ -356,8 +411,9 @@ def nrel_infile_with_reference(nrel5mw_infile: Path, tmp_path: Path) -> tuple[Pa
 async def test_v1_client_frames_query_and_csv(
     controller_libs: dict[str, Path], nrel5mw_infile: Path, tmp_path: Path
 ) -> None:
-    local = run_local(lib_copy(controller_libs, "nrel5mw", tmp_path, "local"), "DISCON",
-                      str(nrel5mw_infile), tmp_path / "local.csv", NET_DURATION)
+    local, expected = record_local(
+        lib_copy(controller_libs, "nrel5mw", tmp_path, "local"), "DISCON", str(nrel5mw_infile),
+        tmp_path / "local.csv", NET_DURATION, V1)
     server = FakeServer(lib_copy(controller_libs, "nrel5mw", tmp_path, "srv"), "DISCON", tmp_path)
     try:
         r = await run_network(
@@ -385,6 +441,7 @@ async def test_v1_client_frames_query_and_csv(
         assert m.swap[0] == (0 if i == 0 else -1 if i == len(frames) - 1 else 1)
         assert m.swap[49] == len(infile) and m.swap[128] == SWAP_SIZE
         assert m.msg == b"\0" * MSG_SIZE and m.outname.startswith(b"discon-check.SrvD\0")
+    assert frames == expected  # byte for byte what OpenFAST's buffers held, as v1 frames
     assert r.transport_stats["replies_not_copied"] == 0
     assert (tmp_path / "net.csv").read_bytes() == (tmp_path / "local.csv").read_bytes()
 
@@ -395,8 +452,14 @@ async def test_v2_client_transfers_rewrites_and_matches_in_process(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     primary, extra = nrel_infile_with_reference(nrel5mw_infile, tmp_path)
-    local = run_local(lib_copy(controller_libs, "nrel5mw", tmp_path, "local"), "DISCON",
-                      str(primary), tmp_path / "local.csv", NET_DURATION)
+    extra_content = extra.read_bytes()
+    extra_name = server_file_name("extra.dat", extra_content)
+    rewritten = primary.read_bytes().replace(b"extra.dat", extra_name.encode())
+    assert rewritten.count(extra_name.encode()) == 2
+    primary_name = server_file_name("DISCON.IN", rewritten)
+    local, expected = record_local(
+        lib_copy(controller_libs, "nrel5mw", tmp_path, "local"), "DISCON", str(primary),
+        tmp_path / "local.csv", NET_DURATION, V2, server_name=primary_name)
     workdir = tmp_path / "server"
     workdir.mkdir()
     monkeypatch.chdir(workdir)  # the controller opens the transferred file by its bare name
@@ -410,12 +473,6 @@ async def test_v2_client_transfers_rewrites_and_matches_in_process(
     finally:
         await server.stop()
     assert server.uris == ["/ws?path=libnrel5mw.so&proc=DISCON"]
-
-    extra_content = extra.read_bytes()
-    extra_name = server_file_name("extra.dat", extra_content)
-    rewritten = primary.read_bytes().replace(b"extra.dat", extra_name.encode())
-    assert rewritten.count(extra_name.encode()) == 2
-    primary_name = server_file_name("DISCON.IN", rewritten)
     assert primary_name.startswith("input_") and primary_name.endswith("_DISCON.IN")
     # The first two frames are the transfers, byte for byte, in this order.
     assert server.frames[0] == transfer_request(extra_name, extra_content)
@@ -431,6 +488,7 @@ async def test_v2_client_transfers_rewrites_and_matches_in_process(
         m = decode(f)
         assert m.version == V2 and m.infile == name and m.swap[49] == len(name)
     assert len(discon) == r.calls == local.calls
+    assert discon == expected  # byte for byte, with accINFILE and record 50 rewritten
     net = r.transport_stats
     assert net["transfers"] == [
         {"local": str(extra), "server_name": extra_name},
@@ -442,7 +500,7 @@ async def test_v2_client_transfers_rewrites_and_matches_in_process(
     assert (tmp_path / "net.csv").read_bytes() == (tmp_path / "local.csv").read_bytes()
 
 
-@pytest.mark.parametrize("delay", [0.5, 0.9])
+@pytest.mark.parametrize("delay", [0.5, 0.8])
 @pytest_twisted.ensureDeferred
 async def test_v2_transfer_retry_does_not_shift_replies(
     delay: float, controller_libs: dict[str, Path], nrel5mw_infile: Path, tmp_path: Path,
@@ -451,14 +509,15 @@ async def test_v2_transfer_retry_does_not_shift_replies(
     """A first transfer reply later than the deadline: the same transfer is sent again.
 
     The client takes the next transfer reply as the answer to the retry (0.5 s:
-    the late reply arrives during the 0.4 s back-off; 0.9 s: the retry's own
+    the late reply arrives during the 0.4 s back-off; 0.8 s: the retry's own
     reply comes first and the late one turns up between DISCON replies) and
     drops the other one, so every DISCON reply still answers its own call.
     """
     primary = tmp_path / "DISCON.IN"
     primary.write_bytes(nrel5mw_infile.read_bytes())
+    duration = 2 * NET_DURATION  # the run must outlast the late reply
     run_local(lib_copy(controller_libs, "nrel5mw", tmp_path, "local"), "DISCON", str(primary),
-              tmp_path / "local.csv", NET_DURATION)
+              tmp_path / "local.csv", duration)
     workdir = tmp_path / "server"
     workdir.mkdir()
     monkeypatch.chdir(workdir)
@@ -467,7 +526,7 @@ async def test_v2_transfer_retry_does_not_shift_replies(
     try:
         r = await run_network(
             server.address,
-            RunConfig(infile=str(primary), duration=NET_DURATION, csv_path=tmp_path / "net.csv"),
+            RunConfig(infile=str(primary), duration=duration, csv_path=tmp_path / "net.csv"),
             transfer_deadline=0.3,
         )
     finally:

@@ -34,6 +34,7 @@ from typing import Any
 from discon_manager.check.driver import (
     DEFAULT_DT,
     DEFAULT_DURATION,
+    CheckConnectionError,
     CheckResult,
     RunConfig,
     run_in_process,
@@ -183,14 +184,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error("--dt and --duration must be positive numbers of seconds")
 
     from discon_manager.controller.library import ControllerLoadError
-
-    try:
-        from discon_manager.check.client import CheckConnectionError
-    except ImportError as e:  # twisted/autobahn missing: only the network mode needs them
-        if args.server:
-            print(f"discon-check: network mode is unavailable: {e}", file=sys.stderr)
-            return EXIT_USAGE
-        CheckConnectionError = ConnectionError  # type: ignore[misc,assignment]  # noqa: N806
 
     try:
         result = _run(args)

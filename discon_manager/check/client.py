@@ -49,6 +49,7 @@ from typing import Any
 from urllib.parse import urlencode
 
 from autobahn.twisted.websocket import WebSocketClientFactory, WebSocketClientProtocol
+from autobahn.websocket.util import parse_url
 from twisted.internet import defer, task
 from twisted.internet.defer import Deferred
 
@@ -57,6 +58,7 @@ from discon_manager.check.driver import (
     OUTNAME_SIZE,
     SWAP_SIZE,
     CallBuffers,
+    CheckConnectionError,
     CheckResult,
     RunConfig,
     drive,
@@ -68,6 +70,15 @@ from discon_manager.protocol import (
     server_file_name,
     transfer_request,
 )
+
+__all__ = [
+    "CheckConnectionError",
+    "NetworkTransport",
+    "TransferError",
+    "run_network",
+    "run_network_blocking",
+    "server_url",
+]
 
 DEFAULT_PATH = "libdiscon.so"
 DEFAULT_PROC = "DISCON"
@@ -89,10 +100,6 @@ _F32 = struct.Struct("<f")
 
 if sys.byteorder != "little":  # the hot path copies float32 bytes as they are
     raise ImportError("discon_manager.check.client needs a little-endian host")
-
-
-class CheckConnectionError(Exception):
-    """The server cannot be reached or broke the exchange; one readable line."""
 
 
 class TransferError(CheckConnectionError):
@@ -219,6 +226,12 @@ class NetworkTransport:
             reactor = default_reactor
         self.server = server
         self.url = server_url(server, path, proc)
+        try:  # the same parse the factory does, so a bad address fails here, readably
+            parse_url(self.url)
+        except Exception as e:
+            raise ValueError(
+                f"server address '{server}' is not usable ({e}); expected HOST:PORT[/PATH]"
+            ) from None
         self.client_version = client_version
         self.additional_files = [str(p) for p in additional_files]
         if dial_delays is None:
@@ -332,7 +345,8 @@ class NetworkTransport:
         if h.n_swap != 1:
             return False
         if self._expect_path is None:
-            return True  # a DISCON reply has nSwap = record 129, never 1 here
+            # Waiting for a DISCON reply: its nSwap is the request's (record 129).
+            return self._layout_key is None or self._layout_key[0] != 1
         if h.n_serverpath == 0:
             return False  # cannot tell which file it answers: take it, like the real client
         return bytes(payload[h.serverpath_offset : h.size]) != self._expect_path
@@ -647,8 +661,8 @@ def run_network_blocking(server: str, config: RunConfig, **kwargs: Any) -> Check
 
     reactor.callWhenRunning(start)
     reactor.run()
-    if not outcome:
-        raise CheckConnectionError(f"interrupted before {server} answered")
+    if not outcome:  # the reactor was stopped from outside (Ctrl-C)
+        raise KeyboardInterrupt
     r = outcome[0]
     from twisted.python.failure import Failure
 

@@ -59,6 +59,14 @@ DEFAULT_DURATION = 600.0
 CSV_HEADER = "time,rotor_speed,pitch_command,torque_demand,aviFAIL,avcMSG\n"
 
 
+class CheckConnectionError(Exception):
+    """A transport cannot reach the controller or lost it; the text is one readable line.
+
+    Defined here, not in the network client, so the CLI can catch it without
+    importing Twisted for an in-process run.
+    """
+
+
 class CallBuffers:
     """The five DISCON arguments as persistent ctypes buffers, like ServoDyn's.
 
