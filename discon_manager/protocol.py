@@ -91,7 +91,9 @@ class Header:
         return self.version == V2 and self.n_serverpath > 0
 
 
-def parse_header(frame: bytes | bytearray | memoryview, max_size: int = DEFAULT_MAX_FRAME) -> Header:
+def parse_header(
+    frame: bytes | bytearray | memoryview, max_size: int = DEFAULT_MAX_FRAME
+) -> Header:
     """Read a frame's header and check that its lengths add up to the frame.
 
     Raises :class:`FrameError` naming what is wrong; never anything else.
@@ -191,9 +193,7 @@ def encode(m: Message) -> bytes:
     else:
         head = _H2.pack(*lengths, len(m.filecontent), len(m.serverpath))
         tail = m.filecontent + m.serverpath
-    return b"".join(
-        (head, swap.tobytes(), _I32.pack(m.fail), m.infile, m.outname, m.msg, tail)
-    )
+    return b"".join((head, swap.tobytes(), _I32.pack(m.fail), m.infile, m.outname, m.msg, tail))
 
 
 def error_reply(request: bytes | bytearray | memoryview, text: str, fail: int = -1) -> bytes:

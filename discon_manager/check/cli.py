@@ -55,34 +55,75 @@ def _parser() -> argparse.ArgumentParser:
     )
     where = p.add_mutually_exclusive_group(required=True)
     where.add_argument("--library", metavar="PATH", help="controller library to load here")
-    where.add_argument("--server", metavar="ADDR",
-                       help="HOST:PORT[/PATH] of the /ws endpoint (ws://, wss://, http://, "
-                       "https:// prefixes accepted), like DISCON_SERVER_ADDR")
-    p.add_argument("--proc", default="DISCON", metavar="NAME",
-                   help="entry point symbol (in process) or proc= query (network); "
-                   "default DISCON")
-    p.add_argument("--path", default=None, metavar="PATH",
-                   help="path= query for --server, the library as the server sees it; "
-                   "default libdiscon.so")
-    p.add_argument("--client-version", type=int, choices=(1, 2), default=2,
-                   help="1: original client (v1 frames, one dial, no file transfer); "
-                   "2: newer client (v2 frames, 5 dials, file transfer); default 2")
-    p.add_argument("--infile", default="", metavar="PATH",
-                   help="accINFILE, the controller's input file (default: empty); with "
-                   "--client-version 2 it is sent to the server when it exists here")
-    p.add_argument("--additional-file", action="append", default=[], metavar="PATH",
-                   help="a file to send before the input file (repeatable), like "
-                   "DISCON_ADDITIONAL_FILES; client version 2 only")
-    p.add_argument("--duration", type=float, default=DEFAULT_DURATION, metavar="S",
-                   help=f"simulated seconds (default {DEFAULT_DURATION:g})")
-    p.add_argument("--dt", type=float, default=DEFAULT_DT, metavar="S",
-                   help=f"controller time step (default {DEFAULT_DT:g} = 80 calls per "
-                   "simulated second)")
-    p.add_argument("--csv", default=None, metavar="PATH",
-                   help="write one row per call: time, rotor speed, pitch command, torque "
-                   "demand, aviFAIL, avcMSG (when it changed)")
-    p.add_argument("--call-timeout", type=float, default=None, metavar="S",
-                   help="network: give up when one DISCON reply takes longer (default 120)")
+    where.add_argument(
+        "--server",
+        metavar="ADDR",
+        help="HOST:PORT[/PATH] of the /ws endpoint (ws://, wss://, http://, "
+        "https:// prefixes accepted), like DISCON_SERVER_ADDR",
+    )
+    p.add_argument(
+        "--proc",
+        default="DISCON",
+        metavar="NAME",
+        help="entry point symbol (in process) or proc= query (network); default DISCON",
+    )
+    p.add_argument(
+        "--path",
+        default=None,
+        metavar="PATH",
+        help="path= query for --server, the library as the server sees it; default libdiscon.so",
+    )
+    p.add_argument(
+        "--client-version",
+        type=int,
+        choices=(1, 2),
+        default=2,
+        help="1: original client (v1 frames, one dial, no file transfer); "
+        "2: newer client (v2 frames, 5 dials, file transfer); default 2",
+    )
+    p.add_argument(
+        "--infile",
+        default="",
+        metavar="PATH",
+        help="accINFILE, the controller's input file (default: empty); with "
+        "--client-version 2 it is sent to the server when it exists here",
+    )
+    p.add_argument(
+        "--additional-file",
+        action="append",
+        default=[],
+        metavar="PATH",
+        help="a file to send before the input file (repeatable), like "
+        "DISCON_ADDITIONAL_FILES; client version 2 only",
+    )
+    p.add_argument(
+        "--duration",
+        type=float,
+        default=DEFAULT_DURATION,
+        metavar="S",
+        help=f"simulated seconds (default {DEFAULT_DURATION:g})",
+    )
+    p.add_argument(
+        "--dt",
+        type=float,
+        default=DEFAULT_DT,
+        metavar="S",
+        help=f"controller time step (default {DEFAULT_DT:g} = 80 calls per simulated second)",
+    )
+    p.add_argument(
+        "--csv",
+        default=None,
+        metavar="PATH",
+        help="write one row per call: time, rotor speed, pitch command, torque "
+        "demand, aviFAIL, avcMSG (when it changed)",
+    )
+    p.add_argument(
+        "--call-timeout",
+        type=float,
+        default=None,
+        metavar="S",
+        help="network: give up when one DISCON reply takes longer (default 120)",
+    )
     p.add_argument("--json", action="store_true", help="print a JSON summary instead of a table")
     return p
 
@@ -102,8 +143,12 @@ def _table(result: CheckResult, args: argparse.Namespace) -> str:
     if args.server:
         net = result.transport_stats
         rows.append(("server", str(net.get("url", args.server))))
-        rows.append(("client", f"version {args.client_version}, "
-                     f"{net.get('dial_attempts', 0)} dial attempt(s)"))
+        rows.append(
+            (
+                "client",
+                f"version {args.client_version}, {net.get('dial_attempts', 0)} dial attempt(s)",
+            )
+        )
         for t in net.get("transfers", []):
             rows.append(("file sent", f"{t['local']} as {t['server_name']}"))
     else:
@@ -115,12 +160,18 @@ def _table(result: CheckResult, args: argparse.Namespace) -> str:
         ("latency max", _fmt_us(lat["max"])),
         ("cold start", f"{result.cold_start_s * 1000:.1f} ms"),
         ("wall time", f"{result.wall_time_s:.2f} s"),
-        ("regions visited", (", ".join(result.regions_visited) or "none") + " ("
-         + ", ".join(f"{r}: {result.regions.get(r, 0)}" for r in REGIONS) + " calls)"),
+        (
+            "regions visited",
+            (", ".join(result.regions_visited) or "none")
+            + " ("
+            + ", ".join(f"{r}: {result.regions.get(r, 0)}" for r in REGIONS)
+            + " calls)",
+        ),
     ]
     if result.calls:
-        rows.append(("rotor speed", f"{result.rotor_speed_min:.4f} .. "
-                     f"{result.rotor_speed_max:.4f} rad/s"))
+        rows.append(
+            ("rotor speed", f"{result.rotor_speed_min:.4f} .. {result.rotor_speed_max:.4f} rad/s")
+        )
     rows.append(("final aviFAIL", str(result.final_fail)))
     if result.warnings:
         rows.append(("warnings", f"{result.warnings} call(s) with aviFAIL > 0"))
@@ -150,8 +201,7 @@ def _network_warnings(result: CheckResult) -> list[str]:
 
 
 def _run(args: argparse.Namespace) -> CheckResult:
-    config = RunConfig(infile=args.infile, duration=args.duration, dt=args.dt,
-                       csv_path=args.csv)
+    config = RunConfig(infile=args.infile, duration=args.duration, dt=args.dt, csv_path=args.csv)
     if args.library:
         return run_in_process(args.library, args.proc, config)
     from discon_manager.check.client import run_network_blocking
@@ -175,11 +225,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = _parser()
     args = parser.parse_args(argv)
     if args.library and (args.path is not None or args.additional_file):
-        parser.error("--path and --additional-file are for --server; "
-                     "with --library pass the library itself")
+        parser.error(
+            "--path and --additional-file are for --server; with --library pass the library itself"
+        )
     if args.additional_file and args.client_version == 1:
-        parser.error("--additional-file needs --client-version 2 (the original client "
-                     "transfers no files)")
+        parser.error(
+            "--additional-file needs --client-version 2 (the original client transfers no files)"
+        )
     if not (args.dt > 0.0) or not (args.duration > 0.0):
         parser.error("--dt and --duration must be positive numbers of seconds")
 

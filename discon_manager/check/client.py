@@ -117,10 +117,9 @@ def server_url(server: str, path: str = DEFAULT_PATH, proc: str = DEFAULT_PROC) 
     s = server.strip()
     scheme = "ws"
     low = s.lower()
-    for prefix, sch in (("ws://", "ws"), ("wss://", "wss"), ("http://", "ws"),
-                        ("https://", "wss")):
+    for prefix, sch in (("ws://", "ws"), ("wss://", "wss"), ("http://", "ws"), ("https://", "wss")):
         if low.startswith(prefix):
-            scheme, s = sch, s[len(prefix):]
+            scheme, s = sch, s[len(prefix) :]
             break
     s = s.split("#", 1)[0].split("?", 1)[0]
     hostport, _, rest = s.partition("/")
@@ -276,8 +275,10 @@ class NetworkTransport:
         return self.url.split("://", 1)[1].split("/", 1)[0]
 
     def _advice(self) -> str:
-        return (f"check that DisconManager or a discon-server is listening at "
-                f"{self._hostport()} and that --server is HOST:PORT[/PATH] of its /ws endpoint")
+        return (
+            f"check that DisconManager or a discon-server is listening at "
+            f"{self._hostport()} and that --server is HOST:PORT[/PATH] of its /ws endpoint"
+        )
 
     async def _dial_once(self) -> _Protocol:
         factory = _Factory(self, self.url, self.reactor)
@@ -292,11 +293,13 @@ class NetworkTransport:
             from twisted.internet import ssl
 
             options = ssl.optionsForClientTLS(factory.host)
-            self.reactor.connectSSL(factory.host, factory.port, factory, options,
-                                    timeout=self.handshake_timeout)
+            self.reactor.connectSSL(
+                factory.host, factory.port, factory, options, timeout=self.handshake_timeout
+            )
         else:
-            self.reactor.connectTCP(factory.host, factory.port, factory,
-                                    timeout=self.handshake_timeout)
+            self.reactor.connectTCP(
+                factory.host, factory.port, factory, timeout=self.handshake_timeout
+            )
         return await factory.done
 
     async def _dial(self) -> None:
@@ -316,8 +319,7 @@ class NetworkTransport:
             f"cannot connect to {self.url} ({tries} {plural}): {last}; {self._advice()}"
         )
 
-    def _on_closed(self, proto: _Protocol, clean: bool, code: int | None,
-                   why: str | None) -> None:
+    def _on_closed(self, proto: _Protocol, clean: bool, code: int | None, why: str | None) -> None:
         if proto is not self._proto:
             return
         detail = f"code {code}" + (f", {why}" if why else "") if code is not None else (why or "")
@@ -400,8 +402,9 @@ class NetworkTransport:
             for attempt in range(tries):
                 if attempt:
                     self.transfer_retries += 1
-                    await task.deferLater(self.reactor, self.transfer_backoff[attempt - 1],
-                                          lambda: None)
+                    await task.deferLater(
+                        self.reactor, self.transfer_backoff[attempt - 1], lambda: None
+                    )
                     if self._closed is not None:
                         raise self._closed
                 assert self._proto is not None
@@ -496,10 +499,12 @@ class NetworkTransport:
             self._last_seen = (self._calls_sent, now)
         elif now - self._last_seen[1] >= (self.call_timeout or 0):
             self._waiter = None
-            w.errback(CheckConnectionError(
-                f"no reply from {self._hostport()} to DISCON call {self._calls_sent} within "
-                f"{self.call_timeout:g} s; the controller may hang (check the server's log)"
-            ))
+            w.errback(
+                CheckConnectionError(
+                    f"no reply from {self._hostport()} to DISCON call {self._calls_sent} within "
+                    f"{self.call_timeout:g} s; the controller may hang (check the server's log)"
+                )
+            )
 
     def _layout(self, n_swap: int, n_in: int, n_out: int, n_msg: int) -> None:
         """(Re)build the request frame for these sizes; the header is written once."""
@@ -636,8 +641,9 @@ async def run_network(
     :class:`CheckConnectionError` (or :class:`TransferError`) when the server
     cannot be used; a controller error is reported in the result instead.
     """
-    transport = NetworkTransport(server, path, proc, client_version, additional_files,
-                                 **client_options)
+    transport = NetworkTransport(
+        server, path, proc, client_version, additional_files, **client_options
+    )
     try:
         return await drive(transport, config)
     finally:

@@ -158,8 +158,13 @@ class InProcessTransport:
         # Pre-built c_void_p arguments: no conversion per call.
         self._args = tuple(
             ctypes.c_void_p(a)
-            for a in (bufs.swap_addr, bufs.fail_addr, bufs.infile_addr, bufs.outname_addr,
-                      bufs.msg_addr)
+            for a in (
+                bufs.swap_addr,
+                bufs.fail_addr,
+                bufs.infile_addr,
+                bufs.outname_addr,
+                bufs.msg_addr,
+            )
         )
         return None
 
@@ -284,8 +289,7 @@ class _Recorder:
             self.f.write(CSV_HEADER)
         self.last_msg = ""
 
-    def row(self, t: float, speed: float, pitch: float, torque: float, fail: int,
-            msg: str) -> None:
+    def row(self, t: float, speed: float, pitch: float, torque: float, fail: int, msg: str) -> None:
         if self.f is None:
             return
         shown = _csv_text(msg) if msg != self.last_msg else ""

@@ -166,7 +166,9 @@ class ControllerSession(WebSocketServerProtocol):
             )
 
     def onOpen(self) -> None:
-        d = threads.deferToThread(tempfile.mkdtemp, prefix="session-", dir=self.factory.workdir_base)
+        d = threads.deferToThread(
+            tempfile.mkdtemp, prefix="session-", dir=self.factory.workdir_base
+        )
         d.addCallbacks(self._workdir_ready, self._workdir_failed)
 
     def _workdir_ready(self, path: str) -> None:
@@ -324,7 +326,9 @@ class ControllerSession(WebSocketServerProtocol):
         self.timer = None
         if self.worker is not None:
             self.worker.kill()
-        if self.current is not None and not (self.current_header and self.current_header.is_transfer):
+        if self.current is not None and not (
+            self.current_header and self.current_header.is_transfer
+        ):
             self._reply(error_reply(self.current, self.fatal))
 
 
@@ -368,7 +372,13 @@ class Options(usage.Options):
     so that a container's settings need no command line."""
 
     optParameters = [
-        ["port", "p", int(os.environ.get("DISCON_SERVER_PORT", "8080")), "TCP port to listen on", int],
+        [
+            "port",
+            "p",
+            int(os.environ.get("DISCON_SERVER_PORT", "8080")),
+            "TCP port to listen on",
+            int,
+        ],
         ["host", None, os.environ.get("DISCON_SERVER_HOST", "0.0.0.0"), "interface to listen on"],
         [
             "debug-level",
