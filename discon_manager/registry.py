@@ -68,11 +68,8 @@ def parse_catalogue(text: str, source: str) -> tuple[Controller, ...]:
     except json.JSONDecodeError as e:
         raise CatalogueError(
             f"{source}: not valid JSON at line {e.lineno} column {e.colno}: {e.msg}"
-        )
-    if isinstance(data, dict):
-        entries = data.get("controllers")
-    else:
-        entries = None
+        ) from None
+    entries = data.get("controllers") if isinstance(data, dict) else None
     if not isinstance(entries, list):
         raise CatalogueError(f'{source}: expected {{"controllers": [ ... ]}} at the top level')
     if not entries:
