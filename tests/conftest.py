@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import sys
 import subprocess
 from pathlib import Path
 
@@ -33,3 +34,26 @@ def nrel5mw_infile() -> Path:
 
 def pytest_report_header(config: pytest.Config) -> str:
     return f"docker host: {os.environ.get('DOCKER_HOST', 'unix:///var/run/docker.sock')}"
+
+
+@pytest.fixture
+def manager_factory(tmp_path: Path):
+    """Start real manager processes; each is stopped and checked for leaks afterwards."""
+    from tests.support import ManagerProcess, containers_of
+
+    started: list[ManagerProcess] = []
+
+    def make(**kwargs) -> ManagerProcess:
+        m = ManagerProcess(workdir=tmp_path / f"manager{len(started)}", **kwargs)
+        started.append(m)
+        return m
+
+    yield make
+    leaks = []
+    for m in started:
+        m.stop()
+        left = containers_of(m.instance)
+        if left:
+            leaks.append((m.instance, [c.name for c in left]))
+            m.force_cleanup()
+    assert not leaks, f"containers left behind after the manager stopped: {leaks}"

@@ -19,6 +19,7 @@ and the network are removed by fixture finalizers, also on failure.
 
 from __future__ import annotations
 
+import contextlib
 import random
 import shutil
 import socket
@@ -119,17 +120,14 @@ def network(docker_client: docker.DockerClient) -> Iterator[str]:
         yield NETWORK
     finally:
         if created is not None:
-            try:
+            # still in use (a container of ours not yet gone): the next run reuses it
+            with contextlib.suppress(docker.errors.APIError):
                 created.remove()
-            except docker.errors.APIError:
-                pass  # a container of ours still attached: the next run reuses the network
 
 
 def _remove(container: Container) -> None:
-    try:
+    with contextlib.suppress(docker.errors.NotFound):
         container.remove(force=True)
-    except docker.errors.NotFound:
-        pass
 
 
 def _wait_ready(container: Container, ip: str, timeout: float = 30.0) -> None:
@@ -147,7 +145,9 @@ def _wait_ready(container: Container, ip: str, timeout: float = 30.0) -> None:
             raise AssertionError(f"{container.name} is {container.status}:\n{logs}")
         if time.monotonic() > deadline:
             logs = container.logs(tail=30).decode(errors="replace")
-            raise AssertionError(f"{container.name} not listening on {PORT} in {timeout} s:\n{logs}")
+            raise AssertionError(
+                f"{container.name} not listening on {PORT} within {timeout} s:\n{logs}"
+            )
         time.sleep(0.05)
 
 
@@ -409,7 +409,9 @@ def f32(x: float) -> float:
 
 @pytest.mark.parametrize("version", VERSIONS)
 @pytest_twisted.ensureDeferred
-async def test_contract_counts_calls_doubles_record_20(default_server: Server, version: int) -> None:
+async def test_contract_counts_calls_doubles_record_20(
+    default_server: Server, version: int
+) -> None:
     """aviFAIL 0, "DISCON called N times", record 47 = 2 x record 20, others echoed."""
     s = await connect(default_server)
     for n, speed in enumerate([10.5, -3.25, 1.0e6, 0.0, 123.456], start=1):
@@ -447,7 +449,8 @@ async def test_openfast_sized_frames_keep_their_sizes(default_server: Server, ve
     for n in range(1, 4):
         req = request(version, {20: 2.5 * n}, n_swap=OF_SWAP, n_msg=OF_MSG, n_outname=OF_OUTNAME)
         reply = decode(await s.call(req))
-        assert (len(reply.swap), len(reply.msg), len(reply.outname)) == (OF_SWAP, OF_MSG, OF_OUTNAME)
+        sizes = (len(reply.swap), len(reply.msg), len(reply.outname))
+        assert sizes == (OF_SWAP, OF_MSG, OF_OUTNAME)
         assert reply.text == f"DISCON called {n} times"
         assert reply.swap[46] == 5.0 * n
     await s.close()
@@ -456,13 +459,16 @@ async def test_openfast_sized_frames_keep_their_sizes(default_server: Server, ve
 @pytest.mark.parametrize("version", VERSIONS)
 @pytest_twisted.ensureDeferred
 async def test_short_swap_and_tiny_msg(default_server: Server, version: int) -> None:
-    """nSwap below 165 (the server pads, the reply stays short) and nMsg = 1."""
+    """nSwap below 165 (the server pads for the controller, the reply stays short), nMsg = 1."""
     s = await connect(default_server)
-    reply = decode(await s.call(request(version, {20: 3.0}, n_swap=30, n_msg=1, n_outname=0)))
-    assert len(reply.swap) == 30 and reply.msg == b"\0" and reply.outname == b""
-    assert reply.fail == 0
-    reply = decode(await s.call(request(version, {20: 3.0}, n_swap=30, n_msg=12)))
+    reply = decode(await s.call(request(version, {20: 3.0}, n_swap=60, n_msg=1, n_outname=0)))
+    assert len(reply.swap) == 60 and reply.msg == b"\0" and reply.outname == b""
+    assert reply.fail == 0 and reply.swap[46] == 6.0
+    reply = decode(await s.call(request(version, {20: 3.0}, n_swap=60, n_msg=12)))
     assert reply.msg == b"DISCON call\0"  # cut to record 49 bytes with its NUL
+    # 10 records: record 49 is in the padding (0), so the controller writes no message
+    reply = decode(await s.call(request(version, n_swap=10, n_msg=40)))
+    assert len(reply.swap) == 10 and reply.msg == b"\0" * 40 and reply.fail == 0
     await s.close()
 
 
@@ -708,7 +714,9 @@ async def test_nrel5mw_with_image_infile_v1(nrel_server: Server) -> None:
 
 
 @pytest_twisted.ensureDeferred
-async def test_nrel5mw_with_transferred_infile_v2(nrel_server: Server, nrel5mw_infile: Path) -> None:
+async def test_nrel5mw_with_transferred_infile_v2(
+    nrel_server: Server, nrel5mw_infile: Path
+) -> None:
     """The transferred file, not the image's, sets the gains: VS_Rgn2K 3.0 gives 3 w^2."""
     lines = nrel5mw_infile.read_text().splitlines(keepends=True)
     edited = [
