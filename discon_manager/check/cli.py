@@ -46,6 +46,21 @@ EXIT_CONTROLLER_ERROR = 1
 EXIT_USAGE = 2
 
 
+def _record_override(text: str) -> tuple[int, float, float]:
+    """``N=VALUE[@T]`` -> (N, VALUE, T); argparse turns ValueError into a usage error."""
+    try:
+        rec, rest = text.split("=", 1)
+        value, _, since = rest.partition("@")
+        n = int(rec)
+        if not 1 <= n <= 464:
+            raise ValueError
+        return n, float(value), float(since or 0.0)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"'{text}' is not N=VALUE[@T] with a record N from 1 to 464"
+        ) from None
+
+
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="discon-check",
@@ -63,9 +78,10 @@ def _parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--proc",
-        default="DISCON",
+        default=None,
         metavar="NAME",
-        help="entry point symbol (in process) or proc= query (network); default DISCON",
+        help="entry point symbol (in process; default DISCON) or proc= query (network; "
+        "default empty, so that DisconManager uses the controller's proc_name)",
     )
     p.add_argument(
         "--path",
@@ -123,6 +139,15 @@ def _parser() -> argparse.ArgumentParser:
         default=None,
         metavar="S",
         help="network: give up when one DISCON reply takes longer (default 120)",
+    )
+    p.add_argument(
+        "--set-record",
+        metavar="N=VALUE[@T]",
+        action="append",
+        default=[],
+        type=_record_override,
+        help="send record N (1-based) as VALUE from simulated time T on (default 0), "
+        "e.g. 119=666@1 to trigger test-discon's crash hook after 1 s; repeatable",
     )
     p.add_argument("--json", action="store_true", help="print a JSON summary instead of a table")
     return p
@@ -201,7 +226,13 @@ def _network_warnings(result: CheckResult) -> list[str]:
 
 
 def _run(args: argparse.Namespace) -> CheckResult:
-    config = RunConfig(infile=args.infile, duration=args.duration, dt=args.dt, csv_path=args.csv)
+    config = RunConfig(
+        infile=args.infile,
+        duration=args.duration,
+        dt=args.dt,
+        csv_path=args.csv,
+        set_records=tuple(args.set_record),
+    )
     if args.library:
         return run_in_process(args.library, args.proc, config)
     from discon_manager.check.client import run_network_blocking
@@ -224,6 +255,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of ``discon-check``; returns the exit code (0, 1 or 2)."""
     parser = _parser()
     args = parser.parse_args(argv)
+    if args.proc is None:
+        args.proc = "DISCON" if args.library else ""
     if args.library and (args.path is not None or args.additional_file):
         parser.error(
             "--path and --additional-file are for --server; with --library pass the library itself"

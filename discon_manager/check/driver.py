@@ -188,6 +188,8 @@ class RunConfig:
     dt: float = DEFAULT_DT
     csv_path: str | Path | None = None
     plant_params: PlantParams = field(default_factory=PlantParams)
+    #: Extra records to send: (1-based record, value, from time) - e.g. test hooks.
+    set_records: tuple[tuple[int, float, float], ...] = ()
     #: Called with (time, message) for each aviFAIL > 0; default prints to stderr.
     on_warning: Callable[[float, str], None] | None = None
 
@@ -385,6 +387,9 @@ async def drive(transport: Transport, config: RunConfig) -> CheckResult:
             swap[26] = plant.wind(t)
             swap[49] = infile_len
             swap[59] = plant.azimuth
+            for record, value, since in config.set_records:
+                if t >= since:
+                    swap[record - 1] = value
             bufs.fail.value = 0
             bufs.reset_strings()
 
