@@ -18,6 +18,7 @@ import pytest
 import pytest_twisted
 from twisted.internet import defer, threads
 
+from discon_manager import protocol
 from discon_manager.check.client import run_network
 from discon_manager.check.driver import RunConfig, run_in_process
 from tests.support import (
@@ -86,7 +87,9 @@ async def test_nrel5mw_through_manager_v2(manager, reference, nrel5mw_infile, tm
     csv = tmp_path / "v2.csv"
     r = await _run(f"127.0.0.1:{manager.port}/nrel5mw", csv, str(nrel5mw_infile))
     assert r.ok, r.error
-    assert r.transport_stats["transfers"] == 1
+    assert [t["server_name"] for t in r.transport_stats["transfers"]] == [
+        protocol.server_file_name("DISCON.IN", nrel5mw_infile.read_bytes())
+    ]
     assert r.regions_visited == ["1.5", "2", "2.5", "3"]
     assert csv.read_bytes() == reference["nrel5mw"]
 

@@ -103,32 +103,50 @@ def engine() -> docker.DockerClient:
     return _client
 
 
-def ours(instance: str, **labels: str) -> list[Container]:
-    """Containers of a manager instance (running or not), optionally with more labels."""
+def ours(instance: str, **labels: str) -> list[dict[str, Any]]:
+    """Containers of a manager instance (running or not), as the engine lists them.
+
+    The plain list call (one request, no per-container inspect) cannot trip over
+    a container that is being removed meanwhile.
+    """
     wanted = [f"{L_MANAGER}={instance}"] + [f"{k}={v}" for k, v in labels.items()]
-    return engine().containers.list(all=True, filters={"label": wanted})
+    return engine().api.containers(all=True, filters={"label": wanted})
 
 
-def peer(client: WsClient) -> str:
-    """The client's address as the manager labels its container: ``tcp:127.0.0.1:PORT``."""
+def name_of(listed: dict[str, Any]) -> str:
+    return listed["Names"][0].lstrip("/")
+
+
+def address(client: WsClient) -> str:
+    """The client's own ``host:port``, as the manager sees it (its peer)."""
     assert client.proto is not None and client.proto.transport is not None
     host = client.proto.transport.getHost()
-    return f"tcp:{host.host}:{host.port}"
+    return f"{host.host}:{host.port}"
+
+
+def same_client(label: str, client_address: str) -> bool:
+    """The org.discon.session.client label is Autobahn's peer: ``tcp4:HOST:PORT``."""
+    return label.split(":", 1)[-1] == client_address
+
+
+def containers_for(m: ManagerProcess, client_address: str) -> list[dict[str, Any]]:
+    return [c for c in ours(m.instance) if same_client(c["Labels"][L_CLIENT], client_address)]
 
 
 def container_of(m: ManagerProcess, client: WsClient) -> Container:
-    found = ours(m.instance, **{L_CLIENT: peer(client)})
-    assert len(found) == 1, f"expected one container for {peer(client)}, found {found}"
-    return found[0]
+    """The one container of a live session, inspected."""
+    found = containers_for(m, address(client))
+    assert len(found) == 1, f"expected one container for {address(client)}, found {found}"
+    return engine().containers.get(found[0]["Id"])
 
 
 async def none_left(m: ManagerProcess, timeout: float = 15.0, **labels: str) -> None:
     await eventually(lambda: not ours(m.instance, **labels), timeout=timeout)
 
 
-async def removal_time(m: ManagerProcess, label_client: str, since: float) -> float:
+async def removal_time(m: ManagerProcess, client_address: str, since: float) -> float:
     """Seconds from ``since`` until the client's container is gone from the engine."""
-    await eventually(lambda: not ours(m.instance, **{L_CLIENT: label_client}), timeout=30, step=0.05)
+    await eventually(lambda: not containers_for(m, client_address), timeout=30, step=0.05)
     return time.monotonic() - since
 
 
@@ -169,6 +187,13 @@ def url(m: ManagerProcess, where: str = "/ws", lib: str = "", proc: str = "", **
 
 async def connect(m: ManagerProcess, where: str = "/ws", **query: str) -> WsClient:
     return await WsClient.connect(url(m, where, **query))
+
+
+async def gather(*coroutines: Any) -> list[Any]:
+    """Run coroutines concurrently on the reactor; the first failure fails the lot."""
+    return await defer.gatherResults(
+        [defer.ensureDeferred(c) for c in coroutines], consumeErrors=True
+    )
 
 
 async def closed_by_manager(client: WsClient, timeout: float = 10.0) -> int | None:
@@ -218,7 +243,7 @@ def assert_nrel5mw(reply: Message) -> None:
 def stop_and_check(m: ManagerProcess) -> None:
     """What manager_factory does for function-scoped managers: stop, then no leaks."""
     m.stop()
-    left = [c.name for c in ours(m.instance)]
+    left = [name_of(c) for c in ours(m.instance)]
     if left:
         m.force_cleanup()
     assert not left, f"containers of {m.instance} left behind after the manager stopped: {left}"
@@ -396,8 +421,8 @@ async def test_client_proc_replaces_proc_name(main: ManagerProcess) -> None:
 @pytest_twisted.ensureDeferred
 async def test_client_path_ignored_without_override(main: ManagerProcess) -> None:
     """default has no allow_path_override: the client's path does not reach the container."""
-    for lib in ("../x.so", "/etc/x.so", "other.so"):
-        c = await connect(main, lib=lib)
+    clients = await gather(*(connect(main, lib=lib) for lib in ("../x.so", "/etc/x.so", "a.so")))
+    for c in clients:
         assert is_test_discon(await c.decoded(openfast_frame()), 1)
         c.close()
     await none_left(main)
@@ -423,3 +448,49 @@ async def test_client_path_escaping_is_refused(extras: ManagerProcess, lib: str)
     assert f"'{lib}' is outside the controller" in reply.text
     assert metric(scrape(extras), "discon_containers_started_total") == started
     assert not ours(extras.instance)
+
+
+# == errors a user can read =============================================================
+
+
+@pytest_twisted.ensureDeferred
+async def test_image_missing(extras: ManagerProcess) -> None:
+    reply = await first_error(extras, controller="ghost")
+    assert reply.text.startswith("controller 'ghost': image 'discon-no-such-image:latest'")
+    assert "not on the Docker engine" in reply.text and "build it" in reply.text
+    await none_left(extras)
+
+
+@pytest_twisted.ensureDeferred
+async def test_container_exits_at_once(extras: ManagerProcess) -> None:
+    t0 = time.monotonic()
+    reply = await first_error(extras, controller="exits")
+    print(time.monotonic() - t0, reply.text)
+    assert reply.text.startswith("controller 'exits':")
+    assert "exit code 3" in reply.text
+    await none_left(extras)
+
+
+@pytest_twisted.ensureDeferred
+async def test_container_never_ready(extras: ManagerProcess) -> None:
+    t0 = time.monotonic()
+    reply = await first_error(extras, controller="sleeper")
+    print(time.monotonic() - t0, reply.text)
+    assert reply.text.startswith("controller 'sleeper': container ")
+    assert "did not accept a connection within 3 s" in reply.text
+    await none_left(extras)
+
+
+@pytest_twisted.ensureDeferred
+async def test_container_killed_mid_run(main: ManagerProcess) -> None:
+    c = await connect(main)
+    for n in (1, 2, 3):
+        assert is_test_discon(await c.decoded(openfast_frame()), n)
+    await threads.deferToThread(container_of(main, c).kill)
+    t0 = time.monotonic()
+    reply = await c.decoded(openfast_frame())
+    print(time.monotonic() - t0, reply.text)
+    assert reply.fail == -1
+    assert "stopped during the run" in reply.text
+    assert "exit code 137" in reply.text and "killed" in reply.text
+    await none_left(main)

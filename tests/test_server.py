@@ -92,6 +92,11 @@ class Server:
         """Everything in the container's /tmp, where session directories live."""
         return sorted(self.sh("ls -A /tmp").split())
 
+    def log_count(self, text: str) -> int:
+        """How many lines of the container's log contain ``text``."""
+        logs = self.container.logs().decode(errors="replace")
+        return sum(text in line for line in logs.splitlines())
+
     def worker_count(self) -> int:
         """Worker processes alive in the container (one per open connection)."""
         out = self.sh("grep -l -a 'controller[.]worker' /proc/[0-9]*/cmdline 2>/dev/null || true")
@@ -594,6 +599,7 @@ async def test_duplicate_transfer_in_flight_is_answered_once(default_server: Ser
     # arrives, rather than still queued behind the session's set-up
     extra = b"table\n" * 10
     assert decode(await s.call(transfer_request(server_file_name("t.dat", extra), extra))).fail == 0
+    dropped_before = default_server.log_count("duplicate file transfer")
     s.send(frame)
     s.send(frame)  # same reactor turn: arrives while the first is being written
     call1 = request(V2, {20: 1.0}, infile=name.encode())
@@ -604,6 +610,8 @@ async def test_duplicate_transfer_in_flight_is_answered_once(default_server: Ser
     assert_same_shape(call1, second)
     assert decode(second).text == "DISCON called 1 times"
     assert decode(second).swap[119] == len(content)
+    # and it was the server's duplicate check that dropped the copy, not luck
+    assert default_server.log_count("duplicate file transfer") == dropped_before + 1
     # identical DISCON calls are two calls, not duplicates
     call2 = request(V2, {20: 1.0}, infile=name.encode())
     s.send(call2)
