@@ -33,6 +33,11 @@ _H1 = struct.Struct("<4I")
 _H2 = struct.Struct("<6I")
 _I32 = struct.Struct("<i")
 
+#: WebSocket close codes for frames that are not DISCON messages (Autobahn lets
+#: applications send 1000 and 3000-4999 only).
+CLOSE_NOT_BINARY = 4003
+CLOSE_MALFORMED = 4007
+
 #: Size of the NUL-padded message in a file-transfer reply, as existing servers send it.
 TRANSFER_REPLY_MSG_SIZE = 256
 

@@ -15,6 +15,7 @@ from autobahn.twisted.websocket import WebSocketServerFactory, WebSocketServerPr
 from twisted.internet import defer
 from twisted.web import server
 
+from discon_manager.protocol import CLOSE_NOT_BINARY
 from discon_manager.session import Session
 from discon_manager.web import Root
 
@@ -52,7 +53,7 @@ class ClientProtocol(WebSocketServerProtocol):
         if isBinary:
             self.session.client_message(payload)
         else:
-            self.sendClose(1003, "DISCON messages are binary frames")
+            self.sendClose(CLOSE_NOT_BINARY, "DISCON messages are binary frames")
 
     def onClose(self, wasClean: bool, code: int | None, reason: str | None) -> None:
         if self.session is not None:

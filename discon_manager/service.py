@@ -89,7 +89,7 @@ class Manager(service.Service):
                 loop.stop()
         self.registry.stop()
         for s in list(self.sessions.values()):
-            s.client.sendClose(1001, "DisconManager is shutting down")
+            s.client.sendClose(1000, "DisconManager is shutting down")
             s.client_gone()
         while self._removals:
             await defer.DeferredList(list(self._removals))

@@ -23,7 +23,13 @@ from twisted.internet import defer, reactor
 from twisted.logger import Logger
 
 from discon_manager.containers import ContainerError, Started
-from discon_manager.protocol import FrameError, error_reply, parse_header, transfer_reply
+from discon_manager.protocol import (
+    CLOSE_MALFORMED,
+    FrameError,
+    error_reply,
+    parse_header,
+    transfer_reply,
+)
 from discon_manager.registry import Selection, SelectionError
 from discon_manager.relay import ContainerLink, HandshakeRefused, dial_until_ready
 
@@ -246,7 +252,7 @@ class Session:
         try:
             header = parse_header(request, self.manager.max_frame)
         except FrameError as e:
-            self.client.sendClose(1007, f"malformed DISCON frame: {e}"[:120])
+            self.client.sendClose(CLOSE_MALFORMED, f"malformed DISCON frame: {e}"[:120])
             return
         if header.is_transfer:
             # A transfer reply carries 256 bytes of text; the DISCON call that follows

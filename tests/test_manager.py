@@ -494,3 +494,16 @@ async def test_container_killed_mid_run(main: ManagerProcess) -> None:
     assert "stopped during the run" in reply.text
     assert "exit code 137" in reply.text and "killed" in reply.text
     await none_left(main)
+
+
+@pytest_twisted.ensureDeferred
+async def test_zz_experiment(extras: ManagerProcess) -> None:
+    async def one() -> str:
+        t0 = time.monotonic()
+        try:
+            r = await first_error(extras, controller="sleeper")
+            return f"{time.monotonic() - t0:.2f} {r.text[:60]}"
+        except Exception as e:
+            return f"{time.monotonic() - t0:.2f} EXC {e!r}"
+    print(await gather(*(one() for _ in range(4))))
+    await none_left(extras)

@@ -30,6 +30,8 @@ from twisted.internet.interfaces import IDelayedCall
 from twisted.logger import Logger
 
 from discon_manager.protocol import (
+    CLOSE_MALFORMED,
+    CLOSE_NOT_BINARY,
     DEFAULT_MAX_FRAME,
     FrameError,
     Header,
@@ -214,14 +216,9 @@ class ControllerSession(WebSocketServerProtocol):
     def onMessage(self, payload: bytes, isBinary: bool) -> None:
         if not isBinary:
             log.warn("text frame from {peer}: closing", peer=self.peer)
-            self.sendClose(1003, "DISCON messages are binary frames")
+            self.sendClose(CLOSE_NOT_BINARY, "DISCON messages are binary frames")
             return
-        if (
-            self.current is not None
-            and self.current_header is not None
-            and self.current_header.is_transfer
-            and payload == self.current
-        ):
+        if self._is_duplicate_transfer(payload):
             # The newer client re-sends a transfer whose reply is late; answering
             # both copies would shift every later reply by one call.
             log.info("duplicate file transfer while the first is in flight: answered once")
@@ -229,6 +226,16 @@ class ControllerSession(WebSocketServerProtocol):
         self.queue.append(payload)
         if self.current is None:
             self._next()
+
+    def _is_duplicate_transfer(self, payload: bytes) -> bool:
+        """An identical transfer already in flight or queued: the client's retry."""
+        last = self.queue[-1] if self.queue else self.current
+        if last is None or payload != last:
+            return False
+        try:
+            return parse_header(payload, self.factory.max_frame).is_transfer
+        except FrameError:
+            return False
 
     def _next(self) -> None:
         if self.current is not None or not self.queue or self.gone:
@@ -242,7 +249,7 @@ class ControllerSession(WebSocketServerProtocol):
             log.warn("malformed frame from {peer}: {why}", peer=self.peer, why=str(e))
             self.current = None
             self.queue.clear()
-            self.sendClose(1007, f"malformed DISCON frame: {e}"[:120])
+            self.sendClose(CLOSE_MALFORMED, f"malformed DISCON frame: {e}"[:120])
             return
         if self.factory.debug_level >= 2:
             log.info("request {h}: {data}", h=h, data=frame.hex())
