@@ -19,12 +19,12 @@ import contextlib
 import io
 import json
 import re
+import signal
 import socket
 import time
 import urllib.request
 import uuid
 from collections.abc import Callable, Iterator
-from pathlib import Path
 from typing import Any
 from urllib.parse import urlencode
 
@@ -203,7 +203,9 @@ async def closed_by_manager(client: WsClient, timeout: float = 10.0) -> int | No
     return await d
 
 
-async def first_error(m: ManagerProcess, version: int = V2, timeout: float = 45.0, **q: str) -> Message:
+async def first_error(
+    m: ManagerProcess, version: int = V2, timeout: float = 45.0, **q: str
+) -> Message:
     """Connect, make one call, expect aviFAIL -1, and return the decoded reply."""
     c = await WsClient.connect(url(m, **q), timeout=timeout)
     request = openfast_frame(version, r20=1.0)
@@ -450,60 +452,554 @@ async def test_client_path_escaping_is_refused(extras: ManagerProcess, lib: str)
     assert not ours(extras.instance)
 
 
-# == errors a user can read =============================================================
+# == errors a user can read ===========================================================
+
+
+@pytest_twisted.ensureDeferred
+async def test_unknown_controller_counts_a_selection_error(main: ManagerProcess) -> None:
+    before = metric(scrape(main), "discon_errors_total", kind="selection")
+    reply = await first_error(main, controller="rosco")
+    assert reply.text == "controller 'rosco' not found; available: default, nrel5mw"
+    assert metric(scrape(main), "discon_errors_total", kind="selection") == before + 1
+
+
+@pytest_twisted.ensureDeferred
+async def test_engine_down(manager_factory: Callable[..., ManagerProcess]) -> None:
+    """No engine behind DOCKER_HOST: /health says 503, a client reads why in avcMSG."""
+    m = manager_factory(env={"DOCKER_HOST": "unix:///tmp/nonexistent.sock"}).start()
+    code, body = await threads.deferToThread(http_json, f"{m.http}/health")
+    assert code == 503
+    assert body["status"] != "ok" and body["engine"]["reachable"] is False
+    assert body["engine"]["error"]
+    for version in (V1, V2):
+        reply = await first_error(m, version)
+        assert reply.text.startswith("controller 'default': the Docker engine is not reachable")
+        assert "DOCKER_HOST" in reply.text and "\n" not in reply.text
+    assert not ours(m.instance)
 
 
 @pytest_twisted.ensureDeferred
 async def test_image_missing(extras: ManagerProcess) -> None:
     reply = await first_error(extras, controller="ghost")
     assert reply.text.startswith("controller 'ghost': image 'discon-no-such-image:latest'")
-    assert "not on the Docker engine" in reply.text and "build it" in reply.text
+    assert "is not on the Docker engine" in reply.text and "build it" in reply.text
     await none_left(extras)
 
 
 @pytest_twisted.ensureDeferred
 async def test_container_exits_at_once(extras: ManagerProcess) -> None:
-    t0 = time.monotonic()
     reply = await first_error(extras, controller="exits")
-    print(time.monotonic() - t0, reply.text)
-    assert reply.text.startswith("controller 'exits':")
-    assert "exit code 3" in reply.text
+    assert reply.text.startswith("controller 'exits': container discon-controller-exits-")
+    assert "exit code 3" in reply.text and "boom" in reply.text
     await none_left(extras)
 
 
 @pytest_twisted.ensureDeferred
 async def test_container_never_ready(extras: ManagerProcess) -> None:
-    t0 = time.monotonic()
     reply = await first_error(extras, controller="sleeper")
-    print(time.monotonic() - t0, reply.text)
-    assert reply.text.startswith("controller 'sleeper': container ")
+    assert reply.text.startswith("controller 'sleeper': container discon-controller-sleeper-")
     assert "did not accept a connection within 3 s" in reply.text
+    assert "discon-test-sleeps:latest" in reply.text and "port 8080" in reply.text
     await none_left(extras)
 
 
-@pytest_twisted.ensureDeferred
-async def test_container_killed_mid_run(main: ManagerProcess) -> None:
-    c = await connect(main)
+async def kill_after_three_calls(m: ManagerProcess) -> WsClient:
+    c = await connect(m)
     for n in (1, 2, 3):
         assert is_test_discon(await c.decoded(openfast_frame()), n)
-    await threads.deferToThread(container_of(main, c).kill)
-    t0 = time.monotonic()
+    await threads.deferToThread(container_of(m, c).kill)  # docker kill: SIGKILL
+    return c
+
+
+@pytest_twisted.ensureDeferred
+async def test_container_killed_mid_run_message(main: ManagerProcess) -> None:
+    """Once the manager has noticed the kill, the next call reads why the run stopped.
+
+    (A call made at once after the kill is test_zz_bug_call_right_after_kill.)
+    """
+    c = await kill_after_three_calls(main)
+    # the session ends (its container is removed) as soon as the manager knows why
+    await eventually(lambda: http_json(f"{main.http}/containers")[1] == [], timeout=10)
     reply = await c.decoded(openfast_frame())
-    print(time.monotonic() - t0, reply.text)
     assert reply.fail == -1
-    assert "stopped during the run" in reply.text
-    assert "exit code 137" in reply.text and "killed" in reply.text
+    assert reply.text.startswith("controller 'default': container discon-controller-default-")
+    assert "stopped during the run after 3 calls" in reply.text
+    assert "exit code 137: killed" in reply.text and "restart the simulation" in reply.text
+    assert await closed_by_manager(c) == 1000
     await none_left(main)
 
 
 @pytest_twisted.ensureDeferred
-async def test_zz_experiment(extras: ManagerProcess) -> None:
-    async def one() -> str:
-        t0 = time.monotonic()
-        try:
-            r = await first_error(extras, controller="sleeper")
-            return f"{time.monotonic() - t0:.2f} {r.text[:60]}"
-        except Exception as e:
-            return f"{time.monotonic() - t0:.2f} EXC {e!r}"
-    print(await gather(*(one() for _ in range(4))))
+async def test_controller_crash_is_relayed(main: ManagerProcess) -> None:
+    c = await connect(main)
+    assert is_test_discon(await c.decoded(openfast_frame()), 1)
+    assert is_test_discon(await c.decoded(openfast_frame()), 2)
+    request = openfast_frame(r119=666.0)
+    raw = await c.call(request)
+    reply = decode(raw)
+    assert reply.fail == -1
+    assert reply.text.startswith("the controller crashed with signal 11 (SIGSEGV) on call 3")
+    assert_same_shape(request, raw)
+    c.close()
+    await none_left(main)
+
+
+@pytest.mark.parametrize("version", VERSIONS)
+@pytest_twisted.ensureDeferred
+async def test_requested_failure_is_relayed(main: ManagerProcess, version: int) -> None:
+    c = await connect(main)
+    reply = await c.decoded(openfast_frame(version, r119=668.0))
+    assert reply.fail == -1 and reply.text == "requested failure" and reply.version == version
+    assert is_test_discon(await c.decoded(openfast_frame(version)), 2)  # the session goes on
+    c.close()
+    await none_left(main)
+
+
+@pytest_twisted.ensureDeferred
+async def test_call_timeout(extras: ManagerProcess) -> None:
+    """server.call_timeout 3 reaches the container: a hung call is answered after 3 s."""
+    c = await connect(extras, controller="default")
+    assert is_test_discon(await c.decoded(openfast_frame()), 1)
+    t0 = time.monotonic()
+    reply = await c.decoded(openfast_frame(r119=667.0))
+    took = time.monotonic() - t0
+    assert reply.fail == -1
+    assert "did not answer call 2 within 3 s" in reply.text
+    assert 2.5 < took < 8, took
+    c.close()
     await none_left(extras)
+
+
+# == nothing leaks ======================================================================
+
+
+def raw_upgrade(m: ManagerProcess, where: str = "/ws", **query: str) -> socket.socket:
+    """A bare TCP connection that has sent a WebSocket upgrade request, nothing more."""
+    target = f"{where}?" + urlencode({"path": "", "proc": "", **query})
+    s = socket.create_connection(("127.0.0.1", m.port), timeout=5)
+    s.sendall(
+        (
+            f"GET {target} HTTP/1.1\r\nHost: 127.0.0.1:{m.port}\r\nUpgrade: websocket\r\n"
+            "Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
+            "Sec-WebSocket-Version: 13\r\n\r\n"
+        ).encode()
+    )
+    return s
+
+
+@pytest.mark.parametrize("how", ["close", "abort"])
+@pytest_twisted.ensureDeferred
+async def test_container_removed_after_client_leaves(main: ManagerProcess, how: str) -> None:
+    """A clean close or a TCP reset: the container is gone within docker.cleanup_timeout."""
+    c = await connect(main)
+    for n in (1, 2, 3):
+        assert is_test_discon(await c.decoded(openfast_frame()), n)
+    who = address(c)
+    assert len(containers_for(main, who)) == 1
+    t0 = time.monotonic()
+    c.close() if how == "close" else c.abort()
+    took = await removal_time(main, who, t0)
+    assert took < CLEANUP_TIMEOUT, took
+    assert http_json(f"{main.http}/containers")[1] == []
+
+
+@pytest_twisted.ensureDeferred
+async def test_client_leaves_during_creation(main: ManagerProcess) -> None:
+    """Gone before its container exists: the container is made, then removed."""
+    text = scrape(main)
+    sessions, started = (
+        metric(text, "discon_sessions_total"),
+        metric(text, "discon_containers_started_total"),
+    )
+    raw_upgrade(main).close()
+    await eventually(lambda: metric(scrape(main), "discon_sessions_total") == sessions + 1)
+    # the container was created and started for nobody, and then removed
+    await eventually(lambda: metric(scrape(main), "discon_containers_started_total") == started + 1)
+    await none_left(main, timeout=CLEANUP_TIMEOUT)
+    assert metric(scrape(main), "discon_sessions_open") == 0
+
+
+@pytest_twisted.ensureDeferred
+async def test_client_leaves_during_readiness_wait(extras: ManagerProcess) -> None:
+    s = raw_upgrade(extras, controller="sleeper")
+    await eventually(lambda: any(c["State"] == "running" for c in ours(extras.instance)))
+    await sleep(1.0)
+    assert ours(extras.instance), "the container went before the client did"
+    s.close()
+    t0 = time.monotonic()
+    await none_left(extras, timeout=CLEANUP_TIMEOUT)
+    assert time.monotonic() - t0 < CLEANUP_TIMEOUT
+    assert metric(scrape(extras), "discon_sessions_open") == 0
+
+
+@pytest_twisted.ensureDeferred
+async def test_two_clients_same_controller(main: ManagerProcess) -> None:
+    a, b = await gather(connect(main), connect(main))
+    for n in (1, 2, 3):
+        assert is_test_discon(await a.decoded(openfast_frame()), n)
+    assert is_test_discon(await b.decoded(openfast_frame()), 1)
+    assert is_test_discon(await a.decoded(openfast_frame()), 4)
+    assert is_test_discon(await b.decoded(openfast_frame()), 2)
+    ca, cb = container_of(main, a), container_of(main, b)
+    assert ca.name != cb.name and ca.id != cb.id
+    assert ca.labels[L_SESSION] != cb.labels[L_SESSION]
+    a.close()
+    b.close()
+    await none_left(main)
+
+
+@pytest_twisted.ensureDeferred
+async def test_twenty_concurrent_sessions(main: ManagerProcess) -> None:
+    t0 = time.monotonic()
+    clients: list[WsClient] = await gather(*(connect(main) for _ in range(20)))
+
+    async def run(i: int, c: WsClient) -> None:
+        for n in range(1, 6):
+            reply = await c.decoded(openfast_frame(r20=float(i)))
+            assert is_test_discon(reply, n), reply.text
+            assert reply.swap[46] == 2.0 * i  # its own reply, not a neighbour's
+
+    await gather(*(run(i, c) for i, c in enumerate(clients)))
+    listed = ours(main.instance)
+    assert len({name_of(x) for x in listed}) == 20
+    for c in clients:
+        assert len(containers_for(main, address(c))) == 1
+    _, sessions = http_json(f"{main.http}/containers")
+    assert len(sessions) == 20 and {s["calls"] for s in sessions} == {5}
+    for c in clients:
+        c.close()
+    await none_left(main, timeout=30)
+    took = time.monotonic() - t0
+    assert took < 60, took
+
+
+@pytest.fixture(scope="module")
+def idle_mgr(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ManagerProcess]:
+    """docker.idle_timeout 3 s (and a call_timeout above it)."""
+    m = ManagerProcess(
+        workdir=tmp_path_factory.mktemp("idle"),
+        overrides={"docker.idle_timeout": 3, "server.call_timeout": 10},
+    ).start()
+    try:
+        yield m
+    finally:
+        stop_and_check(m)
+
+
+@pytest_twisted.ensureDeferred
+async def test_silent_client_closed_by_idle_timeout(idle_mgr: ManagerProcess) -> None:
+    m = idle_mgr
+    c = await connect(m)
+    assert is_test_discon(await c.decoded(openfast_frame()), 1)
+    last = time.monotonic()
+    who = address(c)
+    await closed_by_manager(c, timeout=15)  # the manager closes the connection
+    closed = time.monotonic()
+    assert 2.9 < closed - last < 6, closed - last
+    took = await removal_time(m, who, closed)
+    assert took < CLEANUP_TIMEOUT, took
+    assert metric(scrape(m), "discon_errors_total", kind="idle_timeout") >= 1
+
+
+# == orphans and shutdown ===============================================================
+
+
+@pytest_twisted.ensureDeferred
+async def test_kill9_orphan_removed_by_next_start(
+    manager_factory: Callable[..., ManagerProcess],
+) -> None:
+    m = manager_factory().start()
+    c = await connect(m)
+    assert is_test_discon(await c.decoded(openfast_frame()), 1)
+    orphan = name_of(ours(m.instance)[0])
+    assert m.proc is not None
+    m.proc.kill()
+    await threads.deferToThread(m.proc.wait)
+    await closed_by_manager(c)
+    await sleep(1.0)
+    left = ours(m.instance)
+    assert [name_of(x) for x in left] == [orphan] and left[0]["State"] == "running"
+    again = manager_factory(instance=m.instance).start()
+    await none_left(again, timeout=15)  # removed at start-up, no session needed
+    assert orphan in again.logs()
+    c2 = await connect(again)  # and the new run works
+    assert is_test_discon(await c2.decoded(openfast_frame()), 1)
+    c2.close()
+    await none_left(again)
+
+
+@pytest_twisted.ensureDeferred
+async def test_sigterm_with_live_session(manager_factory: Callable[..., ManagerProcess]) -> None:
+    m = manager_factory().start()
+    c = await connect(m)
+    assert is_test_discon(await c.decoded(openfast_frame()), 1)
+    assert len(ours(m.instance)) == 1
+    t0 = time.monotonic()
+    rc = await threads.deferToThread(m.stop)  # SIGTERM, then wait for the exit
+    assert m.proc is not None and m.proc.poll() is not None
+    # twistd ends a SIGTERM shutdown by re-raising the signal on itself: -15 is its clean exit
+    assert rc in (0, -signal.SIGTERM), rc
+    assert time.monotonic() - t0 < CLEANUP_TIMEOUT
+    assert "closing 1 sessions" in m.logs() and "Main loop terminated" in m.logs()
+    assert not ours(m.instance)  # removed before the process exited
+    assert await closed_by_manager(c) is not None
+
+
+# == endpoints ==========================================================================
+
+
+@pytest_twisted.ensureDeferred
+async def test_health(main: ManagerProcess) -> None:
+    from discon_manager import __version__
+
+    code, body = http_json(f"{main.http}/health")
+    assert code == 200
+    assert body["status"] == "ok" and body["version"] == __version__
+    assert body["engine"]["reachable"] is True
+    assert body["engine"]["version"] == engine().version()["Version"]
+    assert isinstance(body["uptime_s"], (int, float)) and body["uptime_s"] >= 0
+
+
+@pytest_twisted.ensureDeferred
+async def test_metrics(main: ManagerProcess) -> None:
+    before = scrape(main)
+    c = await connect(main)
+    frames = [openfast_frame(V2, r20=1.0), openfast_frame(V1, r20=2.0), openfast_frame(V2)]
+    for n, f in enumerate(frames, 1):
+        assert is_test_discon(await c.decoded(f), n)
+    during = scrape(main)
+    assert metric(during, "discon_sessions_open") == 1
+    assert metric(during, "discon_containers_running") == 1
+    c.close()
+    await none_left(main)
+    after = scrape(main)
+    assert metric(after, "discon_sessions_open") == 0
+    size = sum(len(f) for f in frames)
+    for name, value in (
+        ("discon_messages_relayed_total", 3),
+        ("discon_bytes_relayed_total", size),
+    ):
+        for direction in ("to_controller", "to_client"):
+            delta = metric(after, name, direction=direction) - metric(
+                before, name, direction=direction
+            )
+            assert delta == value, (name, direction)
+    hist = "discon_container_start_seconds"
+    assert f'{hist}_bucket{{le="+Inf"}}' in after and f'{hist}_bucket{{le="1.0"}}' in after
+    assert metric(after, f"{hist}_count") == metric(before, f"{hist}_count") + 1
+    assert metric(after, f"{hist}_sum") > metric(before, f"{hist}_sum")
+    # errors by kind
+    selection = metric(after, "discon_errors_total", kind="selection")
+    await first_error(main, controller="rosco")
+    assert metric(scrape(main), "discon_errors_total", kind="selection") == selection + 1
+
+
+@pytest_twisted.ensureDeferred
+async def test_containers_endpoint(main: ManagerProcess) -> None:
+    t0 = time.time()
+    c = await connect(main, controller="nrel5mw")
+    assert_nrel5mw(await nrel_call(c))
+    code, sessions = http_json(f"{main.http}/containers")
+    assert code == 200 and len(sessions) == 1
+    s = sessions[0]
+    real = container_of(main, c)
+    assert s["name"] == real.name and s["id"] == real.id
+    assert s["controller"] == "nrel5mw" and same_client(s["client"], address(c))
+    assert s["session"] == real.labels[L_SESSION]
+    assert t0 - 1 <= s["started"] <= s["last_activity"] <= time.time() + 1
+    assert s["calls"] == 1 and s["state"] == "relaying"
+    c.close()
+    await eventually(lambda: http_json(f"{main.http}/containers")[1] == [])
+    await none_left(main)
+
+
+@pytest_twisted.ensureDeferred
+async def test_controllers_endpoint(main: ManagerProcess) -> None:
+    code, body = http_json(f"{main.http}/controllers")
+    assert code == 200 and body["default"] == "default"
+    shipped = DEFAULT_CATALOGUE["controllers"]
+    assert [c["id"] for c in body["controllers"]] == [c["id"] for c in shipped]
+    for served, entry_ in zip(body["controllers"], shipped, strict=True):
+        for key in ("image", "library_path", "proc_name", "version", "name", "ports"):
+            assert served[key] == entry_[key], key
+
+
+# == catalogue reload =====================================================================
+
+
+@pytest_twisted.ensureDeferred
+async def test_catalogue_reload(manager_factory: Callable[..., ManagerProcess]) -> None:
+    m = manager_factory().start()
+    live = await connect(m)
+    for n in (1, 2):
+        assert is_test_discon(await live.decoded(openfast_frame()), n)
+
+    catalogue = json.loads(m.db_path.read_text())
+    catalogue["controllers"].append(entry("extra", version="3.0.0"))
+    m.db_path.write_text(json.dumps(catalogue, indent=2))
+
+    def ids() -> list[str]:
+        return [c["id"] for c in http_json(f"{m.http}/controllers")[1]["controllers"]]
+
+    await eventually(lambda: "extra" in ids(), timeout=10)
+    new = await connect(m, controller="extra")
+    assert is_test_discon(await new.decoded(openfast_frame()), 1)
+    assert container_of(m, new).labels[L_CONTROLLER] == "extra"
+    assert is_test_discon(await live.decoded(openfast_frame()), 3)  # not disturbed
+
+    m.db_path.write_text('{\n  "controllers": [\n    {"id": "x",\n     "image" "y"}\n  ]\n}\n')
+    await eventually(lambda: "not valid JSON at line 4" in m.logs(), timeout=10)
+    line = next(x for x in m.logs().splitlines() if "not valid JSON" in x)
+    assert str(m.db_path) in line and "last good copy" in line
+    assert ids() == ["default", "nrel5mw", "extra"]
+    c = await connect(m, controller="extra")  # still selectable from the last good copy
+    assert is_test_discon(await c.decoded(openfast_frame()), 1)
+    assert is_test_discon(await live.decoded(openfast_frame()), 4)
+    for x in (live, new, c):
+        x.close()
+    await none_left(m)
+
+
+# == configuration ========================================================================
+
+
+@pytest.mark.parametrize(
+    ("overrides", "expected"),
+    [
+        pytest.param(
+            {"docker.memory_limit": "512x"},
+            "docker.memory_limit: '512x' is not a size; use e.g. 512m or 1g",
+            id="bad-size",
+        ),
+        pytest.param(
+            {"docker.memroy_limit": "1g"},
+            "docker.memroy_limit: unknown key; known keys are",
+            id="unknown-key",
+        ),
+    ],
+)
+def test_config_errors_stop_the_start(
+    manager_factory: Callable[..., ManagerProcess], overrides: dict[str, Any], expected: str
+) -> None:
+    m = manager_factory(overrides=overrides).start(wait=False)
+    assert m.proc is not None
+    rc = m.proc.wait(timeout=30)
+    assert rc != 0
+    assert expected in m.logs()
+
+
+# == container limits =====================================================================
+
+
+@pytest_twisted.ensureDeferred
+async def test_container_limits_labels_and_network(main: ManagerProcess) -> None:
+    c = await connect(main)
+    assert is_test_discon(await c.decoded(openfast_frame()), 1)
+    real = container_of(main, c)
+    hc = real.attrs["HostConfig"]
+    assert hc["Memory"] == 256 * 1024 * 1024
+    assert hc["MemorySwap"] == 256 * 1024 * 1024  # no swap on top
+    assert hc["NanoCpus"] == 1_000_000_000
+    assert hc["PidsLimit"] == 128
+    assert not hc["PortBindings"] and not hc["PublishAllPorts"]
+    assert all(not bound for bound in (real.attrs["NetworkSettings"]["Ports"] or {}).values())
+    assert list(real.attrs["NetworkSettings"]["Networks"]) == [TEST_NETWORK]
+    assert real.name.startswith(f"{PREFIX}default-")
+    labels = real.labels
+    assert labels[L_MANAGER] == main.instance and labels[L_CONTROLLER] == "default"
+    assert same_client(labels[L_CLIENT], address(c)) and labels[L_SESSION] and labels[L_RUN]
+    c.close()
+    await none_left(main)
+
+
+@pytest_twisted.ensureDeferred
+async def test_name_conflict_with_leftover(
+    manager_factory: Callable[..., ManagerProcess], request: pytest.FixtureRequest
+) -> None:
+    """An unlabelled container holds the first name: the manager takes the next one.
+
+    A prefix of this test's own keeps other managers on this engine (which number
+    their containers from 1 too) from taking or freeing the name meanwhile.
+    """
+    prefix = f"{PREFIX}{uuid.uuid4().hex[:6]}-"
+    leftover = engine().containers.create("discon-server:latest", name=f"{prefix}default-1")
+    request.addfinalizer(lambda: leftover.remove(force=True))
+    m = manager_factory(overrides={"docker.container_prefix": prefix}).start()
+    c = await connect(m)
+    assert is_test_discon(await c.decoded(openfast_frame()), 1)
+    real = container_of(m, c)
+    assert real.name == f"{prefix}default-2" and real.id != leftover.id
+    c.close()
+    await none_left(m)
+    leftover.reload()  # not the manager's: left alone
+    assert leftover.name == f"{prefix}default-1"
+
+
+# == relaying ============================================================================
+
+
+@pytest.fixture
+def direct_server(main: ManagerProcess) -> Iterator[str]:
+    """A discon-server container of our own on the test network; its address."""
+    client = engine()
+    c = client.containers.run(
+        "discon-server:latest",
+        name=f"{PREFIX}test-direct-{uuid.uuid4().hex[:8]}",
+        network=TEST_NETWORK,
+        environment={"DISCON_CALL_TIMEOUT": "30"},
+        detach=True,
+    )
+    try:
+        c.reload()
+        ip = c.attrs["NetworkSettings"]["Networks"][TEST_NETWORK]["IPAddress"]
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                socket.create_connection((ip, 8080), timeout=0.5).close()
+                break
+            except OSError:
+                assert time.monotonic() < deadline, "direct container not listening"
+                time.sleep(0.05)
+        yield f"{ip}:8080"
+    finally:
+        with contextlib.suppress(docker.errors.NotFound):
+            c.remove(force=True)
+
+
+def call_sequence(version: int) -> list[bytes]:
+    frames = [openfast_frame(version, r1=0.0, r20=10.0)]
+    frames += [openfast_frame(version, r1=1.0, r20=10.0 + k, r119=float(k)) for k in range(1, 6)]
+    frames += [openfast_frame(version, r1=1.0, r20=3.5, r119=668.0)]
+    frames += [openfast_frame(version, b"no-such-file.in", r1=-1.0, r20=1.25)]
+    return frames
+
+
+@pytest.mark.parametrize("version", VERSIONS)
+@pytest_twisted.ensureDeferred
+async def test_replies_byte_identical_to_direct(
+    main: ManagerProcess, direct_server: str, version: int
+) -> None:
+    frames = call_sequence(version)
+    direct = await WsClient.connect(f"ws://{direct_server}/ws?path=libtest_discon.so&proc=discon")
+    via = await connect(main)
+    from_direct = [await direct.call(f) for f in frames]
+    from_manager = [await via.call(f) for f in frames]
+    assert decode(from_direct[-2]).text == "requested failure"  # the sequence is not trivial
+    assert from_manager == from_direct
+    direct.close()
+    via.close()
+    await none_left(main)
+
+
+@pytest_twisted.ensureDeferred
+async def test_v2_file_transfer(main: ManagerProcess) -> None:
+    content = b"! a controller input file\n" * 77
+    name = server_file_name("DISCON.IN", content)
+    c = await connect(main)
+    ack = await c.decoded(transfer_request(name, content))
+    assert ack.fail == 0 and "received" in ack.text
+    reply = await c.decoded(openfast_frame(V2, name.encode()))
+    assert is_test_discon(reply, 1)
+    assert reply.swap[119] == len(content)
+    c.close()
+    await none_left(main)

@@ -18,6 +18,7 @@ from __future__ import annotations
 import os
 import shutil
 import signal
+import socket
 import struct
 import sys
 import tempfile
@@ -25,8 +26,7 @@ from collections import deque
 from typing import Any
 
 from autobahn.twisted.websocket import WebSocketServerFactory, WebSocketServerProtocol
-from twisted.internet import protocol, reactor, threads
-from twisted.internet.interfaces import IDelayedCall
+from twisted.internet import abstract, main, protocol, reactor, task, threads
 from twisted.logger import Logger
 
 from discon_manager.protocol import (
@@ -42,6 +42,7 @@ from discon_manager.protocol import (
 
 log = Logger(namespace="discon-server")
 _LEN = struct.Struct("<I")
+_RECV_SIZE = 1 << 20
 
 #: Characters and sequences that a transferred file name may not contain (PROTOCOL.md).
 _FORBIDDEN = ("/", "..", "~", "$", "|", ";", "&", "\\")
@@ -80,44 +81,126 @@ def write_transfer(workdir: str, name: str, content: bytes) -> None:
         raise
 
 
+class WorkerChannel(abstract.FileDescriptor):
+    """Our end of the socketpair to a worker: length-prefixed frames both ways.
+
+    A request is sent at once (no wait for the next reactor turn) and a reply
+    is normally read in one ``recv``: this hop is on every DISCON call.
+    """
+
+    def __init__(self, sock: socket.socket, on_reply: Any) -> None:
+        super().__init__(reactor)
+        self.sock = sock
+        self.on_reply = on_reply
+        self.rbuf = bytearray()
+        self.pending = b""  # request bytes the socket did not take yet
+
+    def fileno(self) -> int:
+        return self.sock.fileno()
+
+    def send(self, frame: bytes) -> None:
+        data = _LEN.pack(len(frame)) + frame
+        if not self.pending:
+            try:
+                sent = self.sock.send(data)
+            except BlockingIOError:
+                sent = 0
+            except OSError:
+                return  # the worker is gone; processEnded reports it
+            if sent == len(data):
+                return
+            data = data[sent:]
+            self.startWriting()
+        self.pending += data
+
+    def doWrite(self) -> None:
+        try:
+            sent = self.sock.send(self.pending)
+        except BlockingIOError:
+            return None
+        except OSError:
+            self.pending = b""
+            self.stopWriting()
+            return None
+        self.pending = self.pending[sent:]
+        if not self.pending:
+            self.stopWriting()
+        return None
+
+    def doRead(self) -> Any:
+        try:
+            data = self.sock.recv(_RECV_SIZE)
+        except BlockingIOError:
+            return None
+        except OSError:
+            return main.CONNECTION_LOST
+        if not data:
+            return main.CONNECTION_DONE
+        if not self.rbuf and len(data) >= 4 and _LEN.unpack_from(data)[0] == len(data) - 4:
+            self.on_reply(data[4:])  # the usual case: exactly one whole reply
+            return None
+        self.rbuf += data
+        while len(self.rbuf) >= 4:
+            need = _LEN.unpack_from(self.rbuf)[0]
+            if len(self.rbuf) < 4 + need:
+                break
+            reply = bytes(self.rbuf[4 : 4 + need])
+            del self.rbuf[: 4 + need]
+            self.on_reply(reply)
+        return None
+
+    def connectionLost(self, reason: Any) -> None:
+        self.stopReading()
+        self.stopWriting()
+        self.sock.close()
+
+
 class WorkerProcess(protocol.ProcessProtocol):
-    """The server's end of one worker: length-prefixed frames over fds 3 and 4."""
+    """A worker's life: started with one end of a socketpair as its fd 3.
+
+    The controller's own stdout/stderr stay pipes to us, so what it prints is
+    logged and its last line can explain a crash.
+    """
 
     def __init__(self, session: ControllerSession) -> None:
         self.session = session
-        self.buf = bytearray()
-        self.need = -1
         self.tail: deque[str] = deque(maxlen=5)  # last lines of the controller's own output
         self.ended = False
+        self.channel: WorkerChannel | None = None
+
+    def spawn(self, library: str, proc: str, workdir: str) -> None:
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        for sock in (ours, theirs):
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 1 << 20)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 20)
+        ours.setblocking(False)
+        try:
+            reactor.spawnProcess(
+                self,
+                sys.executable,
+                [sys.executable, "-m", "discon_manager.controller.worker", library, proc],
+                env=os.environ.copy(),
+                path=workdir,
+                childFDs={0: "w", 1: "r", 2: "r", 3: theirs.fileno()},
+            )
+        finally:
+            theirs.close()
+        self.channel = WorkerChannel(ours, self.session.worker_replied)
+        self.channel.startReading()
 
     def send(self, frame: bytes) -> None:
-        self.transport.writeToChild(3, _LEN.pack(len(frame)))
-        self.transport.writeToChild(3, frame)
+        self.channel.send(frame)
 
     def childDataReceived(self, fd: int, data: bytes) -> None:
-        if fd != 4:
-            text = data.decode("utf-8", "replace")
-            for line in text.splitlines():
-                if line.strip():
-                    self.tail.append(line.strip())
-                    log.info("controller output: {line}", line=line.rstrip())
-            return
-        self.buf += data
-        while True:
-            if self.need < 0:
-                if len(self.buf) < 4:
-                    return
-                self.need = _LEN.unpack_from(self.buf)[0]
-                del self.buf[:4]
-            if len(self.buf) < self.need:
-                return
-            reply = bytes(self.buf[: self.need])
-            del self.buf[: self.need]
-            self.need = -1
-            self.session.worker_replied(reply)
+        for line in data.decode("utf-8", "replace").splitlines():
+            if line.strip():
+                self.tail.append(line.strip())
+                log.info("controller output: {line}", line=line.rstrip())
 
     def processEnded(self, reason: Any) -> None:
         self.ended = True
+        if self.channel is not None:
+            self.channel.connectionLost(reason)
         value = reason.value
         self.session.worker_ended(getattr(value, "exitCode", None), getattr(value, "signal", None))
 
@@ -145,7 +228,7 @@ class ControllerSession(WebSocketServerProtocol):
         self.current_header: Header | None = None
         self.calls = 0
         self.fatal: str | None = None  # once set, every request is answered with it
-        self.timer: IDelayedCall | None = None
+        self.call_started = 0.0  # when the worker got the call it is answering
         self.gone = False
 
     # -- connection life cycle ------------------------------------------------
@@ -168,6 +251,7 @@ class ControllerSession(WebSocketServerProtocol):
             )
 
     def onOpen(self) -> None:
+        self.factory.sessions.add(self)
         d = threads.deferToThread(
             tempfile.mkdtemp, prefix="session-", dir=self.factory.workdir_base
         )
@@ -181,14 +265,7 @@ class ControllerSession(WebSocketServerProtocol):
         if self.fatal is None:
             self.worker = WorkerProcess(self)
             library = os.path.join(self.factory.library_base, self.library)
-            reactor.spawnProcess(
-                self.worker,
-                sys.executable,
-                [sys.executable, "-m", "discon_manager.controller.worker", library, self.proc],
-                env=os.environ.copy(),
-                path=path,
-                childFDs={0: "w", 1: "r", 2: "r", 3: "w", 4: "r"},
-            )
+            self.worker.spawn(library, self.proc, path)
         self._next()
 
     def _workdir_failed(self, failure: Any) -> None:
@@ -198,8 +275,7 @@ class ControllerSession(WebSocketServerProtocol):
 
     def onClose(self, wasClean: bool, code: int | None, reason: str | None) -> None:
         self.gone = True
-        if self.timer is not None and self.timer.active():
-            self.timer.cancel()
+        self.factory.sessions.discard(self)
         self._cleanup()
 
     def _cleanup(self) -> None:
@@ -261,9 +337,8 @@ class ControllerSession(WebSocketServerProtocol):
             self.calls += 1
             if self.factory.debug_level:
                 log.info("call {n} ({size} bytes)", n=self.calls, size=len(frame))
+            self.call_started = reactor.seconds()
             self.worker.send(frame)
-            if self.factory.call_timeout:
-                self.timer = reactor.callLater(self.factory.call_timeout, self._call_timed_out)
 
     def _transfer(self, frame: bytes, h: Header) -> None:
         try:
@@ -294,9 +369,6 @@ class ControllerSession(WebSocketServerProtocol):
     # -- the worker's side ------------------------------------------------------
 
     def worker_replied(self, reply: bytes) -> None:
-        if self.timer is not None:
-            self.timer.cancel()
-            self.timer = None
         if self.current is None:
             log.error("worker reply with no request outstanding: dropped")
             return
@@ -316,8 +388,19 @@ class ControllerSession(WebSocketServerProtocol):
             what += f"; its last output: {tail}"
         self._fail(what)
 
+    def check_call_time(self, now: float, limit: float) -> None:
+        """Called every half second by the factory: a call over the limit fails the session."""
+        h = self.current_header
+        if (
+            self.current is not None
+            and h is not None
+            and not h.is_transfer
+            and self.fatal is None
+            and now - self.call_started > limit
+        ):
+            self._call_timed_out()
+
     def _call_timed_out(self) -> None:
-        self.timer = None
         self._fail(
             f"the controller did not answer call {self.calls} within "
             f"{self.factory.call_timeout:g} s and was stopped"
@@ -328,9 +411,6 @@ class ControllerSession(WebSocketServerProtocol):
         if self.fatal is None:
             self.fatal = why
             log.error("{peer}: {why}", peer=self.peer, why=why)
-        if self.timer is not None and self.timer.active():
-            self.timer.cancel()
-        self.timer = None
         if self.worker is not None:
             self.worker.kill()
         if self.current is not None and not (
@@ -340,7 +420,11 @@ class ControllerSession(WebSocketServerProtocol):
 
 
 class DisconServerFactory(WebSocketServerFactory):
-    """Holds the server's settings; one :class:`ControllerSession` per connection."""
+    """Holds the server's settings; one :class:`ControllerSession` per connection.
+
+    Call timeouts are checked here twice a second for all sessions, rather than
+    with a timer per call: the per-call path only stores a timestamp.
+    """
 
     protocol = ControllerSession
 
@@ -359,6 +443,8 @@ class DisconServerFactory(WebSocketServerFactory):
         self.max_frame = max_frame
         self.workdir_base = workdir_base or tempfile.gettempdir()
         self.library_base = library_base or os.getcwd()
+        self.sessions: set[ControllerSession] = set()
+        self._timeouts = task.LoopingCall(self._check_call_times)
         self.setProtocolOptions(
             maxMessagePayloadSize=max_frame,
             maxFramePayloadSize=max_frame,
@@ -367,6 +453,21 @@ class DisconServerFactory(WebSocketServerFactory):
             openHandshakeTimeout=30,
             requireMaskedClientFrames=False,
         )
+
+    def startFactory(self) -> None:
+        super().startFactory()
+        if self.call_timeout and not self._timeouts.running:
+            self._timeouts.start(min(0.5, self.call_timeout / 4), now=False)
+
+    def stopFactory(self) -> None:
+        if self._timeouts.running:
+            self._timeouts.stop()
+        super().stopFactory()
+
+    def _check_call_times(self) -> None:
+        now = reactor.seconds()
+        for session in list(self.sessions):
+            session.check_call_time(now, self.call_timeout)
 
 
 # -- twistd plugin entry (twisted_plugins/disconserver.py) ---------------------

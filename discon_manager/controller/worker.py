@@ -1,10 +1,10 @@
 """The per-connection controller process of the discon-server.
 
 Run as ``python -m discon_manager.controller.worker LIBRARY PROC`` with the
-connection's private directory as its working directory. Requests arrive on
-fd 3 and replies leave on fd 4, each as a 4-byte little-endian length and a
-wire frame; fds 1 and 2 stay the controller's own (Fortran ``PRINT`` writes to
-unit 6), so nothing the controller prints can corrupt a reply.
+connection's private directory as its working directory. Requests arrive and
+replies leave on fd 3 (one end of a socketpair), each as a 4-byte
+little-endian length and a wire frame; fds 1 and 2 stay the controller's own
+(Fortran ``PRINT`` writes to unit 6), so nothing the controller prints can corrupt a reply.
 
 One process per connection is what isolates sessions: a fresh copy of the
 library in a fresh process has no state, no Fortran unit and no file in common
@@ -16,33 +16,27 @@ from __future__ import annotations
 
 import os
 import shutil
+import socket
 import struct
 import sys
 
 from discon_manager.controller.library import Controller, ControllerLoadError
 from discon_manager.protocol import FrameError, error_reply, parse_header
 
-REQUEST_FD = 3
-REPLY_FD = 4
+CHANNEL_FD = 3
 _LEN = struct.Struct("<I")
 
 
-def _read_exactly(fd: int, n: int) -> bytearray | None:
+def _read_exactly(sock: socket.socket, n: int) -> bytearray | None:
     buf = bytearray(n)
     view = memoryview(buf)
     got = 0
     while got < n:
-        k = os.readv(fd, [view[got:]])
+        k = sock.recv_into(view[got:])
         if k == 0:
             return None
         got += k
     return buf
-
-
-def _write_all(fd: int, data: bytes | bytearray) -> None:
-    view = memoryview(data)
-    while view:
-        view = view[os.write(fd, view) :]
 
 
 def seed_workdir(library: str) -> str:
@@ -70,11 +64,12 @@ def main(argv: list[str]) -> int:
     except (ControllerLoadError, OSError) as e:
         fatal = str(e).replace(os.path.abspath(os.path.basename(library)), library)
         print(f"discon-worker: {fatal}", file=sys.stderr, flush=True)
+    channel = socket.socket(fileno=CHANNEL_FD)
     while True:
-        head = _read_exactly(REQUEST_FD, 4)
+        head = _read_exactly(channel, 4)
         if head is None:
             return 0
-        frame = _read_exactly(REQUEST_FD, _LEN.unpack(head)[0])
+        frame = _read_exactly(channel, _LEN.unpack(head)[0])
         if frame is None:
             return 0
         try:
@@ -86,7 +81,7 @@ def main(argv: list[str]) -> int:
         else:
             controller.call_frame(frame, header)
             reply = frame
-        _write_all(REPLY_FD, _LEN.pack(len(reply)) + reply)
+        channel.sendall(_LEN.pack(len(reply)) + reply)
 
 
 if __name__ == "__main__":
