@@ -1003,3 +1003,12 @@ async def test_v2_file_transfer(main: ManagerProcess) -> None:
     assert reply.swap[119] == len(content)
     c.close()
     await none_left(main)
+
+
+@pytest_twisted.ensureDeferred
+async def test_zz_experiment(extras: ManagerProcess) -> None:
+    for _ in range(6):
+        t0 = time.monotonic()
+        r = await first_error(extras, controller="exits")
+        print(f"{time.monotonic() - t0:.2f} {r.text}")
+    await none_left(extras)
