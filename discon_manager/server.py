@@ -47,6 +47,7 @@ class ClientProtocol(WebSocketServerProtocol):
             self.session.open(controller_from_path(request.path), request.params)
         )
         d.addCallback(lambda _: None)  # accept, whatever happened: errors go out as aviFAIL -1
+        mgr.track(d)
         return d
 
     def onMessage(self, payload: bytes, isBinary: bool) -> None:

@@ -45,12 +45,12 @@ class Manager(service.Service):
             env["DISCON_CALL_TIMEOUT"] = f"{config.server.call_timeout:g}"
         self.containers = DockerContainers(config.docker, config.instance, self.run_id, env)
         self.sessions: dict[str, Session] = {}
-        self._removals: set[defer.Deferred] = set()
+        self._removals: set[defer.Deferred] = set()  # container work under way
         self._closed_totals = {"requests": 0, "replies": 0, "bytes_in": 0, "bytes_out": 0}
         self._started = time.monotonic()
         self.metrics = Metrics(
             sessions=lambda: len(self.sessions),
-            containers=lambda: sum(1 for s in self.sessions.values() if s.container),
+            containers=lambda: sum(1 for s in self.sessions.values() if s.owns_container),
             relay_totals=self.relay_totals,
         )
         self._loops: list[task.LoopingCall] = []
@@ -120,11 +120,15 @@ class Manager(service.Service):
                 totals[k] += getattr(s, k)
         return totals
 
+    def track(self, d: defer.Deferred) -> None:
+        """Keep a Deferred that creates or removes a container until it is done,
+        so that shutdown can wait for every one of them."""
+        self._removals.add(d)
+        d.addBoth(lambda result: (self._removals.discard(d), result)[1])
+
     def remove_container(self, name: str) -> None:
         """Remove a finished session's container, retrying until cleanup_timeout."""
-        d = defer.ensureDeferred(self._remove(name))
-        self._removals.add(d)
-        d.addBoth(lambda _: self._removals.discard(d))
+        self.track(defer.ensureDeferred(self._remove(name)))
 
     async def _remove(self, name: str) -> None:
         deadline = reactor.seconds() + self.config.docker.cleanup_timeout
@@ -167,7 +171,7 @@ class Manager(service.Service):
             if startup:
                 log.error("cannot look for leftover containers: {e}", e=str(e))
             return
-        owned = {s.container.name for s in self.sessions.values() if s.container}
+        owned = {s.container.name for s in self.sessions.values() if s.owns_container}
         now = time.time()
         doomed = [
             name

@@ -276,24 +276,25 @@ class Session:
                 peer=self.peer,
                 n=self.requests,
             )
+        self.manager.session_ended(self)
         if not self._opening:
             self._release_container()
         # else: open() sees `closed` at its next step and releases the container itself
 
     def _release_container(self) -> None:
+        """Remove the container; the session itself lasts until its client goes."""
         if self.link is not None:
             self.link.abort()
             self.link = None
         if self._torn_down:
             return
         self._torn_down = True
-        self.manager.session_ended(self)
         if self.container is not None:
             self.manager.remove_container(self.container.name)
 
     @property
-    def torn_down(self) -> bool:
-        return self._torn_down
+    def owns_container(self) -> bool:
+        return self.container is not None and not self._torn_down
 
     def idle_check(self, now: float, idle_timeout: float, call_timeout: float) -> None:
         """Called every few seconds by the manager: idle clients and unanswered calls.
@@ -331,6 +332,7 @@ class Session:
             "last_activity": self.last_activity,
             "calls": self.requests,
             "state": "failed" if self.error else ("relaying" if self.link else "starting"),
+            "error": self.error,
         }
 
 
