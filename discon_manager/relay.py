@@ -21,6 +21,7 @@ from twisted.internet import error, reactor
 from twisted.internet.defer import Deferred
 
 from discon_manager.protocol import DEFAULT_MAX_FRAME
+from discon_manager.websocket import HotPath
 
 if TYPE_CHECKING:
     from discon_manager.session import Session
@@ -33,7 +34,7 @@ class HandshakeRefused(Exception):
     """The container's server answered but refused the WebSocket upgrade."""
 
 
-class ContainerLink(WebSocketClientProtocol):
+class ContainerLink(HotPath, WebSocketClientProtocol):
     """One session's connection to its container."""
 
     factory: ContainerLinkFactory

@@ -18,6 +18,7 @@ from twisted.web import server
 from discon_manager.protocol import CLOSE_NOT_BINARY
 from discon_manager.session import Session
 from discon_manager.web import Root
+from discon_manager.websocket import HotPath
 
 if TYPE_CHECKING:
     from discon_manager.service import Manager
@@ -31,7 +32,7 @@ def controller_from_path(path: str) -> str | None:
     return None
 
 
-class ClientProtocol(WebSocketServerProtocol):
+class ClientProtocol(HotPath, WebSocketServerProtocol):
     """A discon-client connection. Its handshake completes once its container is ready."""
 
     factory: ClientFactory

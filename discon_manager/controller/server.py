@@ -39,6 +39,7 @@ from discon_manager.protocol import (
     parse_header,
     transfer_reply,
 )
+from discon_manager.websocket import HotPath
 
 log = Logger(namespace="discon-server")
 _LEN = struct.Struct("<I")
@@ -212,7 +213,7 @@ class WorkerProcess(protocol.ProcessProtocol):
                 pass
 
 
-class ControllerSession(WebSocketServerProtocol):
+class ControllerSession(HotPath, WebSocketServerProtocol):
     """One client connection: a working directory, a worker, a queue of requests."""
 
     factory: DisconServerFactory
