@@ -256,7 +256,7 @@ class ManagerProcess:
 
     def start(self, wait: bool = True) -> ManagerProcess:
         self.write_files()
-        env = dict(os.environ, PYTHONPATH=str(ROOT), **self.env)
+        env = {**os.environ, "PYTHONPATH": str(ROOT), **self.env}
         self.log = open(self.log_path, "ab")  # noqa: SIM115 - lives as long as the process
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "twisted", "--log-format=text", "disconmanager",
