@@ -177,6 +177,13 @@ class DockerContainers:
             net = container.attrs["NetworkSettings"]["Networks"].get(self.cfg.network_name) or {}
             address = net.get("IPAddress")
             if not address:
+                why = self._why_stopped(container)
+                if why is not None:  # it exited before we could even look
+                    raise ContainerError(
+                        "container_exited",
+                        f"controller '{controller.id}': container {name} exited while "
+                        f"starting ({why})",
+                    )
                 raise ContainerError(
                     "no_address",
                     f"controller '{controller.id}': container {name} has no address on "
@@ -193,8 +200,8 @@ class DockerContainers:
     def exit_reason(self, name: str, wait: bool = True) -> Deferred:
         """Deferred[str | None]: why a container stopped ("exit code 137, out of memory"...).
 
-        None while it is still running. Waits briefly for the engine to record
-        the exit, which lags the connection drop that made us ask.
+        None while it is still running. With ``wait``, waits up to 3 s for the
+        engine to record an exit, which lags the connection drop that made us ask.
         """
 
         def sync() -> str | None:
@@ -208,22 +215,25 @@ class DockerContainers:
                     c.reload()
             except docker.errors.NotFound:
                 return "the container was removed"
-            state = c.attrs.get("State", {})
-            if state.get("Running"):
-                return None
-            code = state.get("ExitCode")
-            if state.get("OOMKilled"):
-                return (
-                    f"exit code {code}: killed for running out of memory (limit "
-                    f"{_human(self.cfg.memory_limit)}); raise docker.memory_limit"
-                )
-            if code == 137:
-                return "exit code 137: killed (SIGKILL) from outside the manager"
-            logs = c.logs(tail=3).decode("utf-8", "replace").strip().splitlines()
-            tail = f"; last log line: {logs[-1][:200]}" if logs else ""
-            return f"exit code {code}{tail}"
+            return self._why_stopped(c)
 
         return self._run(sync)
+
+    def _why_stopped(self, c: Any) -> str | None:
+        state = c.attrs.get("State", {})
+        if state.get("Running"):
+            return None
+        code = state.get("ExitCode")
+        if state.get("OOMKilled"):
+            return (
+                f"exit code {code}: killed for running out of memory (limit "
+                f"{_human(self.cfg.memory_limit)}); raise docker.memory_limit"
+            )
+        if code == 137:
+            return "exit code 137: killed (SIGKILL) from outside the manager"
+        logs = c.logs(tail=3).decode("utf-8", "replace").strip().splitlines()
+        tail = f"; last log line: {logs[-1][:200]}" if logs else ""
+        return f"exit code {code}{tail}"
 
     def remove(self, name: str) -> Deferred:
         """Deferred[None]: kill and remove; a container already gone is not an error."""

@@ -28,6 +28,8 @@ if TYPE_CHECKING:
 
 #: Steps between connection attempts while a container starts.
 POLL_STEP = 0.025
+#: One attempt's TCP connect timeout (an exited container's address never answers).
+CONNECT_TIMEOUT = 1.0
 
 
 class HandshakeRefused(Exception):
@@ -92,21 +94,21 @@ async def dial_until_ready(
     port: int,
     library_path: str,
     proc: str,
-    timeout: float,
+    deadline: float,
     still_wanted: Any,
 ) -> ContainerLink:
     """Connect to a starting container, retrying refused connections in short steps.
 
     ``still_wanted()`` is asked between attempts so that a client that left,
-    or a container that exited, ends the wait at once. Raises TimeoutError,
-    HandshakeRefused, or whatever ``still_wanted`` raises.
+    or a container that exited, ends the wait at once. ``deadline`` is a
+    reactor time. Raises TimeoutError, HandshakeRefused, or whatever
+    ``still_wanted`` raises.
     """
     url = container_url(address, port, library_path, proc)
-    deadline = reactor.seconds() + timeout
     while True:
         await still_wanted()
         factory = ContainerLinkFactory(url, session)
-        reactor.connectTCP(address, port, factory, timeout=2)
+        reactor.connectTCP(address, port, factory, timeout=CONNECT_TIMEOUT)
         try:
             return await factory.ready
         except HandshakeRefused:
@@ -114,9 +116,7 @@ async def dial_until_ready(
         except (error.ConnectionRefusedError, error.TimeoutError, error.ConnectError):
             pass
         if reactor.seconds() >= deadline:
-            raise TimeoutError(
-                f"no WebSocket server answered on {address}:{port} within {timeout:g} s"
-            )
+            raise TimeoutError(f"no WebSocket server answered on {address}:{port}")
         await _sleep(POLL_STEP)
 
 

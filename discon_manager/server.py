@@ -73,8 +73,9 @@ class ClientFactory(WebSocketServerFactory):
             maxMessagePayloadSize=manager.max_frame,
             maxFramePayloadSize=manager.max_frame,
             autoFragmentSize=0,
-            # longer than the readiness wait, shorter than the client's own 45 s
-            openHandshakeTimeout=manager.config.docker.ready_timeout + 4,
+            # Session.open() bounds itself by docker.ready_timeout (<= 40 s, under the
+            # client's own 45 s); this is only a backstop for a stuck handshake.
+            openHandshakeTimeout=60,
             requireMaskedClientFrames=False,
         )
 

@@ -64,6 +64,7 @@ class Session:
         self.closed = False  # the client has gone
         self._opening = False
         self._torn_down = False
+        self._diagnosing = False  # the container went; asking the engine why
         # relay counters: plain ints on the hot path, read by /metrics and the idle check
         self.requests = 0
         self.replies = 0
@@ -98,11 +99,11 @@ class Session:
                     self.container.port,
                     sel.library_path,
                     sel.proc,
-                    mgr.config.docker.ready_timeout,
+                    self.started_at + mgr.config.docker.ready_timeout,
                     self._waiting_check(),
                 )
             except TimeoutError:
-                why = await mgr.containers.exit_reason(self.container.name)
+                why = await mgr.containers.exit_reason(self.container.name, wait=False)
                 raise ContainerError(
                     "not_ready",
                     f"controller '{c.id}': container {self.container.name} did not accept a "
@@ -147,14 +148,19 @@ class Session:
             raise ClientGone()
 
     def _waiting_check(self) -> Any:
-        """Between readiness attempts: stop if the client left or the container exited."""
-        attempts = 0
+        """Between readiness attempts: stop if the client left or the container exited.
+
+        The container's state is asked about every 0.3 s (one inspect off the
+        reactor), so a container that exits is reported at once, not at the
+        readiness deadline.
+        """
+        last = reactor.seconds()
 
         async def check() -> None:
-            nonlocal attempts
+            nonlocal last
             self._still_here()
-            attempts += 1
-            if attempts % 20 == 0 and self.container is not None:  # about every 0.5 s
+            if reactor.seconds() - last >= 0.3 and self.container is not None:
+                last = reactor.seconds()
                 why = await self.manager.containers.exit_reason(self.container.name, wait=False)
                 if why is not None:
                     raise ContainerExited(
@@ -186,6 +192,13 @@ class Session:
             self.last_request = payload
             link.sendMessage(payload, isBinary=True)
             return
+        if self._diagnosing and self.error is None:
+            # The container just went; its exit reason is being looked up. Keep the
+            # call: _fail() answers it with that reason.
+            self.outstanding += 1
+            self.requests += 1
+            self.last_request = payload
+            return
         self._answer_with_error(payload)
 
     def container_message(self, payload: bytes, is_binary: bool) -> None:
@@ -205,6 +218,7 @@ class Session:
         self.link = None
         if self.closed or self.error is not None:
             return
+        self._diagnosing = True
         defer.ensureDeferred(self._container_died(code, reason))
 
     async def _container_died(self, code: int | None, reason: str | None) -> None:
@@ -310,7 +324,7 @@ class Session:
         silent = now - self.last_activity
         if call_timeout and self.outstanding > 0 and self.error is None and silent > call_timeout:
             self.fail_call_timeout(call_timeout)
-        elif silent > idle_timeout:
+        elif silent > idle_timeout and self.outstanding == 0:
             log.info(
                 "session {s}: client {peer} sent nothing for {t:.0f} s: closing",
                 s=self.id,

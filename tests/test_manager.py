@@ -261,15 +261,23 @@ def mgr(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ManagerProcess]:
         stop_and_check(m)
 
 
+def wait_empty(m: ManagerProcess, timeout: float = CLEANUP_TIMEOUT + 5) -> None:
+    """Before a test on a shared manager: the previous test's containers are gone."""
+    deadline = time.monotonic() + timeout
+    while ours(m.instance):
+        assert time.monotonic() < deadline, f"a previous test left {ours(m.instance)}"
+        time.sleep(0.1)
+
+
 @pytest.fixture
 def main(mgr: ManagerProcess) -> Iterator[ManagerProcess]:
-    """The shared manager, checked empty before and after each test."""
-    assert not ours(mgr.instance), "a previous test left a container"
+    """The shared manager; each test starts with none of its containers left."""
+    wait_empty(mgr)
     yield mgr
 
 
 @pytest.fixture(scope="module")
-def test_images() -> Iterator[None]:
+def odd_images() -> Iterator[None]:
     """Images that misbehave: one exits at once (code 3), one never listens."""
     client = engine()
     for tag, cmd in (
@@ -297,7 +305,7 @@ EXTRAS_CATALOGUE = [
 
 
 @pytest.fixture(scope="module")
-def xmgr(tmp_path_factory: pytest.TempPathFactory, test_images: None) -> Iterator[ManagerProcess]:
+def xmgr(tmp_path_factory: pytest.TempPathFactory, odd_images: None) -> Iterator[ManagerProcess]:
     """More catalogue entries, default_controller nrel5mw, 3 s ready and call timeouts."""
     m = ManagerProcess(
         workdir=tmp_path_factory.mktemp("extras"),
@@ -316,7 +324,7 @@ def xmgr(tmp_path_factory: pytest.TempPathFactory, test_images: None) -> Iterato
 
 @pytest.fixture
 def extras(xmgr: ManagerProcess) -> Iterator[ManagerProcess]:
-    assert not ours(xmgr.instance), "a previous test left a container"
+    wait_empty(xmgr)
     yield xmgr
 
 
@@ -327,7 +335,8 @@ def extras(xmgr: ManagerProcess) -> Iterator[ManagerProcess]:
 async def test_default_is_the_first_entry_when_unset(main: ManagerProcess) -> None:
     """No controller, no version, a path that is no id: the catalogue's first entry."""
     c = await connect(main, lib="libtest_discon.so", proc="")
-    assert is_test_discon(await c.decoded(openfast_frame(r20=3.0)), 1)
+    reply = await c.decoded(openfast_frame(r20=3.0))
+    assert is_test_discon(reply, 1) and reply.swap[46] == 6.0  # record 47 = 2 x record 20
     assert container_of(main, c).labels[L_CONTROLLER] == "default"
     c.close()
     await none_left(main)
@@ -412,11 +421,18 @@ async def test_unknown_controller(
 async def test_client_proc_replaces_proc_name(main: ManagerProcess) -> None:
     """proc=DISCON on default (whose symbol is 'discon'): the missing symbol, and 'discon'."""
     reply = await first_error(main, lib="libtest_discon.so", proc="DISCON")
-    assert "'DISCON'" in reply.text and "discon" in reply.text.replace("'DISCON'", "")
+    # "controller library 'libtest_discon.so' has no symbol 'DISCON'; it exports discon"
+    assert "has no symbol 'DISCON'" in reply.text
+    exports = reply.text.split("exports", 1)[1]
+    assert "discon" in re.split(r"[ ,]+", exports.strip()), reply.text
     assert "\n" not in reply.text
-    c = await connect(main, lib="libtest_discon.so", proc="discon")  # explicit, the same
-    assert is_test_discon(await c.decoded(openfast_frame()), 1)
-    c.close()
+    # the right name given explicitly, and an empty proc (proc_name 'discon' is used)
+    clients = await gather(
+        *(connect(main, lib="libtest_discon.so", proc=p) for p in ("discon", ""))
+    )
+    for c in clients:
+        assert is_test_discon(await c.decoded(openfast_frame()), 1)
+        c.close()
     await none_left(main)
 
 
@@ -486,23 +502,6 @@ async def test_image_missing(extras: ManagerProcess) -> None:
     await none_left(extras)
 
 
-@pytest_twisted.ensureDeferred
-async def test_container_exits_at_once(extras: ManagerProcess) -> None:
-    reply = await first_error(extras, controller="exits")
-    assert reply.text.startswith("controller 'exits': container discon-controller-exits-")
-    assert "exit code 3" in reply.text and "boom" in reply.text
-    await none_left(extras)
-
-
-@pytest_twisted.ensureDeferred
-async def test_container_never_ready(extras: ManagerProcess) -> None:
-    reply = await first_error(extras, controller="sleeper")
-    assert reply.text.startswith("controller 'sleeper': container discon-controller-sleeper-")
-    assert "did not accept a connection within 3 s" in reply.text
-    assert "discon-test-sleeps:latest" in reply.text and "port 8080" in reply.text
-    await none_left(extras)
-
-
 async def kill_after_three_calls(m: ManagerProcess) -> WsClient:
     c = await connect(m)
     for n in (1, 2, 3):
@@ -515,11 +514,17 @@ async def kill_after_three_calls(m: ManagerProcess) -> WsClient:
 async def test_container_killed_mid_run_message(main: ManagerProcess) -> None:
     """Once the manager has noticed the kill, the next call reads why the run stopped.
 
-    (A call made at once after the kill is test_zz_bug_call_right_after_kill.)
+    (A call made at once after the kill: test_call_right_after_kill_reads_why, at the end.)
     """
     c = await kill_after_three_calls(main)
-    # the session ends (its container is removed) as soon as the manager knows why
-    await eventually(lambda: http_json(f"{main.http}/containers")[1] == [], timeout=10)
+
+    def noticed() -> bool:
+        sessions = http_json(f"{main.http}/containers")[1]
+        return all(s["state"] == "failed" for s in sessions)
+
+    # the manager has found out why (the session is failed) and removed the container
+    await eventually(noticed, timeout=10)
+    await none_left(main, timeout=CLEANUP_TIMEOUT)
     reply = await c.decoded(openfast_frame())
     assert reply.fail == -1
     assert reply.text.startswith("controller 'default': container discon-controller-default-")
@@ -1005,10 +1010,112 @@ async def test_v2_file_transfer(main: ManagerProcess) -> None:
     await none_left(main)
 
 
+# == manager defects ======================================================================
+#
+# These tests state what the issue asks for and fail against the current manager
+# (the last one intermittently); each docstring names the defect. They come last
+# so that ``-x`` runs everything else first.
+
+
 @pytest_twisted.ensureDeferred
-async def test_zz_experiment(extras: ManagerProcess) -> None:
-    for _ in range(6):
+async def test_call_right_after_kill_reads_why(main: ManagerProcess) -> None:
+    """OpenFAST calls again within milliseconds of a container's death.
+
+    Defect: Session.container_closed() drops the link at once but only sets the
+    error after exit_reason() has asked the engine; a call arriving in between is
+    answered "controller 'default' is not connected" and the session is closed,
+    so the user never reads that the container was killed.
+    """
+    clients = await gather(*(connect(main) for _ in range(4)))  # the race, four times over
+
+    async def kill_then_call(c: WsClient) -> str:
+        for n in (1, 2, 3):
+            assert is_test_discon(await c.decoded(openfast_frame()), n)
+        await threads.deferToThread(container_of(main, c).kill)
+        reply = await c.decoded(openfast_frame())  # OpenFAST's next time step
+        assert reply.fail == -1
+        return reply.text
+
+    texts = await gather(*(kill_then_call(c) for c in clients))
+    await none_left(main)
+    for text in texts:
+        assert "stopped during the run after 3 calls" in text, texts
+        assert "exit code 137" in text, texts
+
+
+@pytest_twisted.ensureDeferred
+async def test_container_exiting_at_once_is_reported(extras: ManagerProcess) -> None:
+    """A container that exits at once: its exit code, promptly, every time.
+
+    Defects: (1) when the container has already exited by the time
+    DockerContainers._start_sync() reloads it, it has no IP and the user reads
+    "has no address on network ..." with no exit code; (2) otherwise the exit is
+    only looked for every 20 connection attempts, and an attempt to the address
+    of an exited container takes up to the 2 s connect timeout, so the exit is
+    only found at docker.ready_timeout and reported as "did not accept a
+    connection within 3 s (exit code 3 ...)" instead of "exited while starting".
+    """
+    seen: list[tuple[float, str]] = []
+    for _ in range(3):
         t0 = time.monotonic()
-        r = await first_error(extras, controller="exits")
-        print(f"{time.monotonic() - t0:.2f} {r.text}")
+        reply = await first_error(extras, controller="exits")
+        seen.append((round(time.monotonic() - t0, 2), reply.text))
+    await none_left(extras)
+    for took, text in seen:
+        assert text.startswith("controller 'exits': container discon-controller-exits-"), seen
+        assert "exit code 3" in text and "boom" in text, seen
+        assert "exited while starting" in text, seen
+        assert took < 3, seen  # well before docker.ready_timeout
+
+
+@pytest_twisted.ensureDeferred
+async def test_never_ready_error_reaches_every_client(extras: ManagerProcess) -> None:
+    """Six clients of a never-ready image at once: each reads the readiness error.
+
+    Defect: the client handshake is held for ClientFactory's openHandshakeTimeout
+    = ready_timeout + 4 s, but Session.open() takes the container's create/start
+    time + ready_timeout + up to 3 s more in exit_reason() (it waits for a still
+    running container to stop). With one client that leaves ~0.5 s to spare;
+    with a few at once Autobahn drops every handshake ("opening handshake
+    timeout") and the users get a bare connection error instead of the line.
+    """
+
+    async def one() -> str:
+        return (await first_error(extras, controller="sleeper")).text
+
+    texts = await gather(*(one() for _ in range(6)))
+    await none_left(extras)
+    assert all("did not accept a connection within 3 s" in t for t in texts), texts
+
+
+@pytest_twisted.ensureDeferred
+async def test_idle_timeout_spares_a_client_waiting_for_its_reply(
+    idle_mgr: ManagerProcess,
+) -> None:
+    """A client blocked in a slow call is not idle: call_timeout (10 s) answers it.
+
+    Defect: Session.idle_check() closes the client when nothing was *sent* for
+    idle_timeout (3 s) even while a call is outstanding, with dropConnection and
+    no aviFAIL line: a controller call longer than idle_timeout (or any with
+    call_timeout 0) ends in a bare connection error.
+    """
+    c = await connect(idle_mgr)
+    assert is_test_discon(await c.decoded(openfast_frame()), 1)
+    reply = await c.decoded(openfast_frame(r119=667.0))
+    assert reply.fail == -1 and "did not answer call 2 within 10 s" in reply.text
+    c.close()
+    await none_left(idle_mgr)
+
+
+@pytest_twisted.ensureDeferred
+async def test_container_never_ready(extras: ManagerProcess) -> None:
+    """A container that never listens: the readiness error, in avcMSG.
+
+    Passes only while the container starts in under about half a second: see
+    test_never_ready_error_reaches_every_client for the defect that makes it flaky.
+    """
+    reply = await first_error(extras, controller="sleeper")
+    assert reply.text.startswith("controller 'sleeper': container discon-controller-sleeper-")
+    assert "did not accept a connection within 3 s" in reply.text
+    assert "discon-test-sleeps:latest" in reply.text and "port 8080" in reply.text
     await none_left(extras)
