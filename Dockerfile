@@ -35,12 +35,16 @@ RUN /opt/discon/bin/pip install --no-cache-dir --no-index --no-deps /wheels/app/
 ENV PATH=/opt/discon/bin:$PATH PYTHONDONTWRITEBYTECODE=1 PYTHONUNBUFFERED=1
 
 # --- controller images: the server answers on 8080 with no arguments ----------
-FROM runtime AS server-default
-COPY --from=controllers /out/libtest_discon.so /opt/controller/
+# A controller image is this stage plus its library (and input files for v1
+# clients, which cannot transfer them) in /opt/controller, and its labels.
+FROM runtime AS controller-image
 WORKDIR /opt/controller
 USER discon
 EXPOSE 8080
 CMD ["twistd", "--nodaemon", "--pidfile=", "disconserver"]
+
+FROM controller-image AS server-default
+COPY --from=controllers /out/libtest_discon.so /opt/controller/
 ARG CREATED=unknown
 LABEL org.discon.type="controller" \
       org.discon.controller.id="default" \
@@ -52,13 +56,9 @@ LABEL org.discon.type="controller" \
       org.discon.controller.created="${CREATED}" \
       org.discon.controller.ports="{\"internal\": 8080, \"external\": 0}"
 
-FROM runtime AS server-nrel5mw
+FROM controller-image AS server-nrel5mw
 COPY --from=controllers /out/libnrel5mw.so /opt/controller/
 COPY tests/data/nrel5mw/DISCON.IN /opt/controller/
-WORKDIR /opt/controller
-USER discon
-EXPOSE 8080
-CMD ["twistd", "--nodaemon", "--pidfile=", "disconserver"]
 ARG CREATED=unknown
 LABEL org.discon.type="controller" \
       org.discon.controller.id="nrel5mw" \

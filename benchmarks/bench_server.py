@@ -89,25 +89,38 @@ reactor.run()
 class WsClient:
     """Just enough RFC 6455 for binary request/reply over one connection."""
 
-    def __init__(self, host: str, port: int, resource: str) -> None:
-        self.sock = socket.create_connection((host, port), timeout=30)
+    def __init__(
+        self,
+        host: str,
+        port: int,
+        resource: str,
+        connect_timeout: float = 30.0,
+        timeout: float = 60.0,
+    ) -> None:
+        self.sock = socket.create_connection((host, port), timeout=connect_timeout)
+        self.sock.settimeout(timeout)
         self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         key = base64.b64encode(os.urandom(16)).decode()
-        self.sock.sendall(
-            (
-                f"GET {resource} HTTP/1.1\r\nHost: {host}:{port}\r\nUpgrade: websocket\r\n"
-                f"Connection: Upgrade\r\nSec-WebSocket-Key: {key}\r\n"
-                "Sec-WebSocket-Version: 13\r\n\r\n"
-            ).encode()
-        )
-        head = b""
-        while b"\r\n\r\n" not in head:
-            chunk = self.sock.recv(4096)
-            if not chunk:
-                raise ConnectionError("connection closed during the handshake")
-            head += chunk
+        try:
+            self.sock.sendall(
+                (
+                    f"GET {resource} HTTP/1.1\r\nHost: {host}:{port}\r\nUpgrade: websocket\r\n"
+                    f"Connection: Upgrade\r\nSec-WebSocket-Key: {key}\r\n"
+                    "Sec-WebSocket-Version: 13\r\n\r\n"
+                ).encode()
+            )
+            head = b""
+            while b"\r\n\r\n" not in head:
+                chunk = self.sock.recv(4096)
+                if not chunk:
+                    raise ConnectionError("connection closed during the handshake")
+                head += chunk
+        except BaseException:
+            self.close()
+            raise
         status = head.split(b"\r\n", 1)[0]
         if b" 101 " not in status:
+            self.close()
             raise ConnectionError(f"handshake refused: {status.decode(errors='replace')}")
         self.pending = bytearray(head.split(b"\r\n\r\n", 1)[1])
         self.buf = bytearray(1 << 20)

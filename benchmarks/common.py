@@ -14,12 +14,10 @@ containers (and the network, when it made it) on exit, also on error.
 
 from __future__ import annotations
 
-import base64
 import contextlib
 import json
 import os
 import platform
-import socket
 import struct
 import sys
 import tempfile
@@ -99,54 +97,8 @@ LABEL_BENCH = "org.discon.bench"
 # -- a WebSocket client for polling a starting server --------------------------------
 
 
-class BenchWsClient(WsClient):
-    """bench_server's WsClient with a separate (short) connect timeout and a clean close."""
-
-    def __init__(
-        self,
-        host: str,
-        port: int,
-        resource: str,
-        connect_timeout: float = 30.0,
-        timeout: float = 60.0,
-    ) -> None:
-        self.sock = socket.create_connection((host, port), timeout=connect_timeout)
-        self.sock.settimeout(timeout)
-        self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        key = base64.b64encode(os.urandom(16)).decode()
-        try:
-            self.sock.sendall(
-                (
-                    f"GET {resource} HTTP/1.1\r\nHost: {host}:{port}\r\nUpgrade: websocket\r\n"
-                    f"Connection: Upgrade\r\nSec-WebSocket-Key: {key}\r\n"
-                    "Sec-WebSocket-Version: 13\r\n\r\n"
-                ).encode()
-            )
-            head = b""
-            while b"\r\n\r\n" not in head:
-                chunk = self.sock.recv(4096)
-                if not chunk:
-                    raise ConnectionError("connection closed during the handshake")
-                head += chunk
-        except BaseException:
-            self.close()
-            raise
-        status = head.split(b"\r\n", 1)[0]
-        if b" 101 " not in status:
-            self.close()
-            raise ConnectionError(f"handshake refused: {status.decode(errors='replace')}")
-        self.pending = bytearray(head.split(b"\r\n\r\n", 1)[1])
-        self.buf = bytearray(1 << 20)
-        self.view = memoryview(self.buf)
-
-    def close_cleanly(self) -> None:
-        """A masked close frame (1000), then the socket, like a polite client."""
-        with contextlib.suppress(OSError):
-            mask = os.urandom(4)
-            body = struct.pack("!H", 1000)
-            masked = bytes(b ^ mask[i % 4] for i, b in enumerate(body))
-            self.sock.sendall(bytes([0x88, 0x80 | len(body)]) + mask + masked)
-        self.close()
+#: bench_server's client (connect timeout, clean close on a refused handshake).
+BenchWsClient = WsClient
 
 
 def check_reply(request: bytes, reply: bytes) -> str:
