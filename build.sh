@@ -3,7 +3,8 @@
 # manager or run the test suite.
 #
 #   ./build.sh          build all images (base file systems, wheels, controllers, manager)
-#   ./build.sh start    build, then start the manager with docker-compose and wait for /health
+#   ./build.sh start    build, set up .venv (discon-check) and build/controllers, then
+#                       start the manager with docker-compose and wait for /health
 #   ./build.sh test     build, set up .venv, run the whole test suite against the real engine
 #
 # No registry is needed: the Debian base images are made with debootstrap from
@@ -116,12 +117,16 @@ venv() { # .venv with the package (non-editable: twistd finds its plugins) and t
 case "${1:-build}" in
   build) build_all ;;
   start)
+    need_apt gcc gcc gfortran gfortran make make
     build_all
+    venv
+    make -s -C tests/controllers OUT="$PWD/build/controllers"
     docker-compose up -d
     port=${DISCON_MANAGER_PORT:-8080}
     for _ in $(seq 1 60); do
       if "$PYTHON" -c "import urllib.request,sys; urllib.request.urlopen('http://127.0.0.1:$port/health', timeout=1)" 2>/dev/null; then
-        say "manager up: ws://127.0.0.1:$port/ws  (health: http://127.0.0.1:$port/health)"
+        say "manager up: clients use DISCON_SERVER_ADDR=127.0.0.1:$port or 127.0.0.1:$port/<controller>"
+        say "health: http://127.0.0.1:$port/health   check: .venv/bin/discon-check --server 127.0.0.1:$port/nrel5mw --infile tests/data/nrel5mw/DISCON.IN"
         exit 0
       fi
       sleep 1

@@ -257,6 +257,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.proc is None:
         args.proc = "DISCON" if args.library else ""
+    if args.server and "?" in args.server:
+        print(
+            f"discon-check: the query in '{args.server}' is dropped, as the real client drops "
+            "it from DISCON_SERVER_ADDR; choose a controller with HOST:PORT/ID",
+            file=sys.stderr,
+        )
     if args.library and (args.path is not None or args.additional_file):
         parser.error(
             "--path and --additional-file are for --server; with --library pass the library itself"
