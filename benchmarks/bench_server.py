@@ -181,6 +181,15 @@ class WsClient:
         with contextlib.suppress(OSError):
             self.sock.close()
 
+    def close_cleanly(self) -> None:
+        """A masked close frame (1000), then the socket, like a polite client."""
+        with contextlib.suppress(OSError):
+            mask = os.urandom(4)
+            body = struct.pack("!H", 1000)
+            masked = bytes(b ^ mask[i % 4] for i, b in enumerate(body))
+            self.sock.sendall(bytes([0x88, 0x80 | len(body)]) + mask + masked)
+        self.close()
+
 
 # -- containers -------------------------------------------------------------------
 
