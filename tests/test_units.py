@@ -8,6 +8,7 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
+import pytest_twisted
 
 from discon_manager import config as cfgmod
 from discon_manager.registry import CatalogueError, Registry, SelectionError, parse_catalogue
@@ -206,7 +207,7 @@ def test_controller_from_path(path, expected):
     assert controller_from_path(path) == expected
 
 
-def test_every_socket_on_the_hot_path_sets_tcp_nodelay():
+def test_hot_path_factories():
     from discon_manager.relay import ContainerLinkFactory
     from discon_manager.server import ClientFactory
 
@@ -215,12 +216,72 @@ def test_every_socket_on_the_hot_path_sets_tcp_nodelay():
     )
     client_side = ClientFactory(manager)
     container_side = ContainerLinkFactory("ws://127.0.0.1:1/ws", session=None)
-    assert client_side.tcpNoDelay is True
-    assert container_side.tcpNoDelay is True
     # existing Go servers refuse unmasked client frames
     assert container_side.maskClientFrames is True
     # the held handshake outlives the readiness wait
     assert client_side.openHandshakeTimeout > 30
+
+
+def test_every_hot_path_protocol_is_a_hot_path():
+    from discon_manager.check.client import _Protocol
+    from discon_manager.controller.server import ControllerSession
+    from discon_manager.relay import ContainerLink
+    from discon_manager.server import ClientProtocol
+    from discon_manager.websocket import HotPath
+
+    for cls in (ClientProtocol, ContainerLink, ControllerSession, _Protocol):
+        assert issubclass(cls, HotPath), cls
+
+
+@pytest_twisted.ensureDeferred
+async def test_hot_path_sockets_have_tcp_nodelay():
+    """Real sockets: Autobahn alone leaves TCP_NODELAY off; HotPath turns it on both ends."""
+    import socket
+
+    from autobahn.twisted.websocket import (
+        WebSocketClientFactory,
+        WebSocketClientProtocol,
+        WebSocketServerFactory,
+        WebSocketServerProtocol,
+    )
+    from twisted.internet import defer, reactor
+
+    from discon_manager.websocket import HotPath
+
+    seen: dict[str, int] = {}
+    done = defer.Deferred()
+
+    def nodelay(proto) -> int:
+        return proto.transport.getHandle().getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY)
+
+    class Server(HotPath, WebSocketServerProtocol):
+        def onOpen(self) -> None:
+            seen["server"] = nodelay(self)
+
+        def onMessage(self, payload: bytes, isBinary: bool) -> None:
+            self.sendMessage(payload, isBinary=True)
+
+    class Client(HotPath, WebSocketClientProtocol):
+        def onOpen(self) -> None:
+            seen["client"] = nodelay(self)
+            self.sendMessage(b"x" * 30000, isBinary=True)
+
+        def onMessage(self, payload: bytes, isBinary: bool) -> None:
+            seen["echo"] = len(payload)
+            self.sendClose(1000)
+            done.callback(None)
+
+    sf = WebSocketServerFactory()
+    sf.protocol = Server
+    port = reactor.listenTCP(0, sf, interface="127.0.0.1")
+    try:
+        cf = WebSocketClientFactory(f"ws://127.0.0.1:{port.getHost().port}/ws")
+        cf.protocol = Client
+        reactor.connectTCP("127.0.0.1", port.getHost().port, cf)
+        await done.addTimeout(10, reactor)
+    finally:
+        await port.stopListening()
+    assert seen == {"server": 1, "client": 1, "echo": 30000}
 
 
 def test_ruff_is_clean():

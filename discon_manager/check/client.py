@@ -70,6 +70,7 @@ from discon_manager.protocol import (
     server_file_name,
     transfer_request,
 )
+from discon_manager.websocket import HotPath
 
 __all__ = [
     "CheckConnectionError",
@@ -129,7 +130,7 @@ def server_url(server: str, path: str = DEFAULT_PATH, proc: str = DEFAULT_PROC) 
     return f"{scheme}://{hostport}{prefix_path}/ws?{urlencode({'path': path, 'proc': proc})}"
 
 
-class _Protocol(WebSocketClientProtocol):
+class _Protocol(HotPath, WebSocketClientProtocol):
     """Forwards everything to the :class:`NetworkTransport` that dialled it."""
 
     owner: NetworkTransport
