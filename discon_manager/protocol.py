@@ -37,6 +37,7 @@ _I32 = struct.Struct("<i")
 #: applications send 1000 and 3000-4999 only).
 CLOSE_NOT_BINARY = 4003
 CLOSE_MALFORMED = 4007
+CLOSE_IDLE = 4008
 
 #: Size of the NUL-padded message in a file-transfer reply, as existing servers send it.
 TRANSFER_REPLY_MSG_SIZE = 256

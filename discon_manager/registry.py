@@ -121,6 +121,12 @@ def parse_catalogue(text: str, source: str) -> tuple[Controller, ...]:
     return tuple(out)
 
 
+def _show(text: str) -> str:
+    """A client-supplied name for a message and the log: control characters escaped."""
+    shown = "".join(c if c.isprintable() else repr(c)[1:-1] for c in text[:80])
+    return shown + ("..." if len(text) > 80 else "")
+
+
 def _first(params: dict[str, list[str]], key: str) -> str:
     values = params.get(key) or [""]
     return values[0].strip()
@@ -135,6 +141,7 @@ class Registry:
         self.controllers: tuple[Controller, ...] = ()
         self._stamp: tuple[int, int] | None = None
         self._watch: task.LoopingCall | None = None
+        self._last_read_error: str | None = None
 
     # -- loading -------------------------------------------------------------------
 
@@ -176,19 +183,24 @@ class Registry:
             log.error("controller database not reloaded, keeping the last good copy: {e}", e=str(e))
             return
         self.controllers = controllers
+        self._last_read_error = None
         log.info("controller database reloaded: {ids}", ids=self.ids())
 
     def _check(self) -> Any:
         d = threads.deferToThread(self._read_if_changed)
         d.addCallback(self._apply)
-        d.addErrback(
-            lambda f: log.error(
+        d.addErrback(self._read_failed)
+        return d
+
+    def _read_failed(self, failure: Any) -> None:
+        message = failure.getErrorMessage()
+        if message != self._last_read_error:  # once per distinct problem, not every second
+            self._last_read_error = message
+            log.error(
                 "cannot read controller database {path}: {e}; keeping the last good copy",
                 path=str(self.path),
-                e=f.getErrorMessage(),
+                e=message,
             )
-        )
-        return d
 
     def watch(self, interval: float = 1.0) -> None:
         self._watch = task.LoopingCall(self._check)
@@ -223,10 +235,12 @@ class Registry:
         if wanted:
             c = self.find(wanted)
             if c is None:
-                raise SelectionError(f"controller '{wanted}' not found; available: {self.ids()}")
+                raise SelectionError(
+                    f"controller '{_show(wanted)}' not found; available: {self.ids()}"
+                )
             if version and c.version != version:
                 raise SelectionError(
-                    f"controller '{wanted}' has version '{c.version}', not '{version}'; "
+                    f"controller '{wanted}' has version '{c.version}', not '{_show(version)}'; "
                     f"drop version= or pick another controller (available: {self.ids()})"
                 )
         elif version:
@@ -256,7 +270,7 @@ def _safe_library_path(c: Controller, path: str) -> str:
     norm = posixpath.normpath(path)
     if posixpath.isabs(path) or norm.startswith("..") or "\\" in path or "\0" in path:
         raise SelectionError(
-            f"controller '{c.id}': library path '{path}' is outside the controller; "
+            f"controller '{c.id}': library path '{_show(path)}' is outside the controller; "
             "give a path relative to the controller's directory, without '..'"
         )
     return norm

@@ -77,6 +77,8 @@ class ClientFactory(WebSocketServerFactory):
             # client's own 45 s); this is only a backstop for a stuck handshake.
             openHandshakeTimeout=60,
             requireMaskedClientFrames=False,
+            failByDrop=False,  # protocol violations get a close with a reason, not a reset
+            closeHandshakeTimeout=2,
         )
 
 

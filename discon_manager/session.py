@@ -24,7 +24,9 @@ from twisted.logger import Logger
 
 from discon_manager.containers import ContainerError, Started
 from discon_manager.protocol import (
+    CLOSE_IDLE,
     CLOSE_MALFORMED,
+    CLOSE_NOT_BINARY,
     FrameError,
     error_reply,
     parse_header,
@@ -218,6 +220,14 @@ class Session:
         self.link = None
         if self.closed or self.error is not None:
             return
+        if code in (CLOSE_MALFORMED, CLOSE_NOT_BINARY):
+            # The container's server refused what the client sent: the client's
+            # fault, not the container's. Pass the reason on, at once.
+            self.error = reason or "malformed DISCON frame"
+            self.manager.metrics.errors.labels(kind="malformed_frame").inc()
+            self.client.sendClose(code, (reason or "")[:120])
+            self._release_container()
+            return
         self._diagnosing = True
         defer.ensureDeferred(self._container_died(code, reason))
 
@@ -332,7 +342,9 @@ class Session:
                 t=silent,
             )
             self.manager.metrics.errors.labels(kind="idle_timeout").inc()
-            self.client.dropConnection(abort=True)
+            # A close with the reason; Autobahn drops the TCP connection itself if a
+            # half-open peer never answers it.
+            self.client.sendClose(CLOSE_IDLE, f"no DISCON call for {silent:.0f} s (idle_timeout)")
             self.client_gone()
 
     def describe(self) -> dict[str, Any]:

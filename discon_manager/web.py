@@ -133,6 +133,9 @@ class ControllerPath(resource.Resource):
     def getChild(self, path: bytes, request: Request) -> resource.Resource:
         return self.ws if path == b"ws" else NotFound()
 
+    def render(self, request: Request) -> bytes:
+        return NotFound().render(request)
+
 
 class Root(resource.Resource):
     def __init__(self, manager: Manager, ws: resource.Resource) -> None:

@@ -561,6 +561,22 @@ async def test_requested_failure_is_relayed(main: ManagerProcess, version: int) 
 
 
 @pytest_twisted.ensureDeferred
+async def test_malformed_frame_is_refused_at_once_with_the_reason(main: ManagerProcess) -> None:
+    """The container's server refuses it (4007); the manager passes that on at once,
+    without blaming the container, and removes it."""
+    c = await connect(main)
+    assert is_test_discon(await c.decoded(openfast_frame()), 1)
+    t0 = time.monotonic()
+    c.send(b"\x05\x00\x00\x00" + b"\x00" * 30)  # lengths that do not add up
+    code = await c.closed
+    assert time.monotonic() - t0 < 2
+    assert code == 4007
+    assert "malformed DISCON frame" in (c.close_reason or "")
+    assert "stopped during the run" not in main.logs()[-2000:]
+    await none_left(main)
+
+
+@pytest_twisted.ensureDeferred
 async def test_call_timeout(extras: ManagerProcess) -> None:
     """server.call_timeout 3 reaches the container: a hung call is answered after 3 s."""
     c = await connect(extras, controller="default")
@@ -700,6 +716,7 @@ async def test_silent_client_closed_by_idle_timeout(idle_mgr: ManagerProcess) ->
     who = address(c)
     await closed_by_manager(c, timeout=15)  # the manager closes the connection
     closed = time.monotonic()
+    assert c.close_code == 4008 and "idle_timeout" in (c.close_reason or "")
     assert 2.9 < closed - last < 6, closed - last
     took = await removal_time(m, who, closed)
     assert took < CLEANUP_TIMEOUT, took

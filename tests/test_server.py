@@ -435,10 +435,11 @@ async def test_contract_counts_calls_doubles_record_20(
 @pytest.mark.parametrize("version", VERSIONS)
 @pytest_twisted.ensureDeferred
 async def test_contract_record_120_is_infile_size(default_server: Server, version: int) -> None:
-    """accINFILE is opened in the session's directory, which holds the image's files."""
+    """accINFILE is opened in the session's directory, which holds the session's own copy
+    of the library (under a dot-name no transfer can take) and the image's data files."""
     size = int(default_server.sh(f"stat -c %s /opt/controller/{DEFAULT_LIB}"))
     s = await connect(default_server)
-    reply = await s.call(request(version, infile=DEFAULT_LIB.encode()))
+    reply = await s.call(request(version, infile=b".discon-" + DEFAULT_LIB.encode()))
     assert rec(reply, 120) == size
     reply = await s.call(request(version, infile=b"no-such-file.in"))
     assert rec(reply, 120) == -1.0
@@ -635,7 +636,7 @@ async def test_files_and_workdir_removed_on_close(fresh_server: Server) -> None:
     entries = fresh_server.tmp_entries()
     assert len(entries) == 1 and entries[0].startswith("session-")
     inside = fresh_server.sh(f"ls -A /tmp/{entries[0]}").split()
-    assert name in inside and DEFAULT_LIB in inside
+    assert name in inside and ".discon-" + DEFAULT_LIB in inside
     assert fresh_server.worker_count() == 1
     await s.close()
     await eventually(lambda: fresh_server.tmp_entries() == [], what="/tmp to be emptied")
@@ -684,6 +685,33 @@ async def test_missing_symbol_lists_exports(default_server: Server, version: int
     assert reply.fail == -1
     assert "no symbol 'DISCON'" in reply.text
     assert "discon" in reply.text.split("exports", 1)[1]
+    await s.close()
+
+
+@pytest.mark.parametrize("proc", ["system", "abort", "exit", "printf"])
+@pytest_twisted.ensureDeferred
+async def test_proc_must_be_the_librarys_own_function(default_server: Server, proc: str) -> None:
+    """dlsym would also find libc's functions: proc=system must not run a command."""
+    s = await connect(default_server, path=DEFAULT_LIB, proc=proc)
+    t0 = time.monotonic()
+    frame = bytearray(request(V2, n_msg=1024))
+    frame[24 : 24 + 8] = b"sleep 3\0"  # what system() would run from avrSWAP
+    reply = decode(await s.call(bytes(frame)))
+    assert time.monotonic() - t0 < 2
+    assert reply.fail == -1
+    assert f"has no symbol '{proc}'; it exports discon" in reply.text
+    await s.close()
+
+
+@pytest_twisted.ensureDeferred
+async def test_transfer_cannot_replace_the_library(default_server: Server) -> None:
+    """A transferred file named like the library does not become the code that runs."""
+    s = await connect(default_server)
+    reply = decode(await s.call(transfer_request(DEFAULT_LIB, b"\x7fELF not a library")))
+    assert reply.fail == 0
+    call = decode(await s.call(request(V2)))
+    assert call.fail == 0
+    assert call.text == "DISCON called 1 times"
     await s.close()
 
 

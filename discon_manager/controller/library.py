@@ -28,6 +28,12 @@ DISCON_ARGTYPES = [
 MIN_SWAP_RECORDS = 165
 
 
+def _show(text: str) -> str:
+    """Quote a client-supplied name for a message: control characters escaped, cut short."""
+    shown = "".join(c if c.isprintable() else repr(c)[1:-1] for c in text[:80])
+    return f"'{shown}'" + ("..." if len(text) > 80 else "")
+
+
 class ControllerLoadError(RuntimeError):
     """The library or its entry point cannot be loaded; the text says what to do."""
 
@@ -74,13 +80,23 @@ class Controller:
             self.lib = ctypes.CDLL(os.path.abspath(path), mode=ctypes.RTLD_LOCAL)
         except OSError as e:
             raise ControllerLoadError(f"cannot load controller library '{path}': {e}") from e
+        # Only a function the library itself exports: dlsym on its handle would also
+        # find libc's (proc=system would run a shell command).
         try:
+            own = exported_functions(path)
+        except Exception as e:
+            raise ControllerLoadError(
+                f"controller library '{path}' is not a readable ELF shared library ({e})"
+            ) from None
+        try:
+            if proc not in own:
+                raise AttributeError(proc)
             fn = getattr(self.lib, proc)
-        except AttributeError:
+        except (AttributeError, ValueError):
             found = entry_point_candidates(path)
             hint = f"; it exports {', '.join(found)}" if found else "; it exports no functions"
             raise ControllerLoadError(
-                f"controller library '{path}' has no symbol '{proc}'{hint}"
+                f"controller library '{path}' has no symbol {_show(proc)}{hint}"
             ) from None
         fn.argtypes = DISCON_ARGTYPES
         fn.restype = None

@@ -453,6 +453,7 @@ class DisconServerFactory(WebSocketServerFactory):
             autoFragmentSize=0,
             openHandshakeTimeout=30,
             requireMaskedClientFrames=False,
+            failByDrop=False,
         )
 
     def startFactory(self) -> None:

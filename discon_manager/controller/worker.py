@@ -39,21 +39,41 @@ def _read_exactly(sock: socket.socket, n: int) -> bytearray | None:
     return buf
 
 
-def seed_workdir(library: str) -> str:
-    """Copy the library's directory (the library and its data files) into the cwd.
+#: Data files copied from the library's directory: at most this many, this large.
+SEED_MAX_FILES = 64
+SEED_MAX_BYTES = 64 * 1024 * 1024
 
-    The copy is what gives each session a library of its own, and the data
-    files let a v1 client, which cannot transfer files, name an input file
+
+def seed_workdir(library: str) -> str:
+    """Copy the library and its directory's data files into the cwd.
+
+    The library's copy is what gives each session a library of its own; it
+    goes under a dot-name, which a file transfer can never use, so a client
+    cannot replace the code it runs. The data files (bounded in number and
+    size) let a v1 client, which cannot transfer files, name an input file
     that ships in the image. Returns the path of the library's copy.
     """
     src = os.path.abspath(library)
     if not os.path.isfile(src):
         return src  # Controller() reports it
-    src_dir = os.path.dirname(src)
-    for entry in os.scandir(src_dir):
-        if entry.is_file() and not os.path.exists(entry.name):
-            shutil.copy2(entry.path, entry.name)
-    return os.path.abspath(os.path.basename(src))
+    own = os.path.abspath(".discon-" + os.path.basename(src))
+    shutil.copy2(src, own)
+    copied = 0
+    for entry in os.scandir(os.path.dirname(src)):
+        if copied >= SEED_MAX_FILES:
+            break
+        try:
+            if (
+                entry.is_file()
+                and entry.path != src
+                and entry.stat().st_size <= SEED_MAX_BYTES
+                and not os.path.exists(entry.name)
+            ):
+                shutil.copy2(entry.path, entry.name)
+                copied += 1
+        except OSError:
+            continue  # unreadable files are not the controller's data
+    return own
 
 
 def main(argv: list[str]) -> int:
@@ -62,7 +82,7 @@ def main(argv: list[str]) -> int:
     try:
         controller = Controller(seed_workdir(library), proc)
     except (ControllerLoadError, OSError) as e:
-        fatal = str(e).replace(os.path.abspath(os.path.basename(library)), library)
+        fatal = str(e).replace(os.path.abspath(".discon-" + os.path.basename(library)), library)
         print(f"discon-worker: {fatal}", file=sys.stderr, flush=True)
     channel = socket.socket(fileno=CHANNEL_FD)
     while True:
