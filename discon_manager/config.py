@@ -118,23 +118,29 @@ def parse(data: Any) -> Config:
     db = _section(data, "database", {"path"})
     sd, dd = ServerConfig(), DockerConfig()
 
+    def numbers(name: str, section: dict[str, Any], defaults: Any, rules: dict) -> dict:
+        """Each numeric key of a section, checked against (integer, low, high)."""
+        return {
+            key: _number(
+                f"{name}.{key}",
+                section.get(key, getattr(defaults, key)),
+                integer=integer,
+                low=low,
+                high=high,
+            )
+            for key, (integer, low, high) in rules.items()
+        }
+
     debug = s.get("debug_level", sd.debug_level)
     if debug not in (0, 1, 2) or isinstance(debug, bool):
         raise ConfigError(f"server.debug_level: {debug!r} is not allowed; use 0, 1 or 2")
     server = ServerConfig(
         host=_text("server.host", s.get("host", sd.host)),
-        port=_number("server.port", s.get("port", sd.port), integer=True, low=1, high=65535),
         debug_level=debug,
         default_controller=_text(
             "server.default_controller", s.get("default_controller"), optional=True
         ),
-        call_timeout=_number(
-            "server.call_timeout",
-            s.get("call_timeout", sd.call_timeout),
-            integer=False,
-            low=0,
-            high=None,
-        ),
+        **numbers("server", s, sd, {"port": (True, 1, 65535), "call_timeout": (False, 0, None)}),
     )
     prefix = _text("docker.container_prefix", d.get("container_prefix", dd.container_prefix))
     if not all(c.isalnum() or c in "_.-" for c in prefix) or not prefix[0].isalnum():
@@ -146,34 +152,19 @@ def parse(data: Any) -> Config:
         network_name=_text("docker.network_name", d.get("network_name", dd.network_name)),
         container_prefix=prefix,
         memory_limit=_size("docker.memory_limit", d.get("memory_limit", "512m")),
-        cpu_limit=_number(
-            "docker.cpu_limit", d.get("cpu_limit", dd.cpu_limit), integer=False, low=0.01, high=None
-        ),
-        pids_limit=_number(
-            "docker.pids_limit", d.get("pids_limit", dd.pids_limit), integer=True, low=8, high=None
-        ),
-        cleanup_timeout=_number(
-            "docker.cleanup_timeout",
-            d.get("cleanup_timeout", dd.cleanup_timeout),
-            integer=False,
-            low=1,
-            high=None,
-        ),
-        idle_timeout=_number(
-            "docker.idle_timeout",
-            d.get("idle_timeout", dd.idle_timeout),
-            integer=False,
-            low=1,
-            high=None,
-        ),
-        ready_timeout=_number(
-            "docker.ready_timeout",
-            d.get("ready_timeout", dd.ready_timeout),
-            integer=False,
-            low=1,
-            high=_HANDSHAKE_LIMIT,
-        ),
         instance=_text("docker.instance", d.get("instance"), optional=True),
+        **numbers(
+            "docker",
+            d,
+            dd,
+            {
+                "cpu_limit": (False, 0.01, None),
+                "pids_limit": (True, 8, None),
+                "cleanup_timeout": (False, 1, None),
+                "idle_timeout": (False, 1, None),
+                "ready_timeout": (False, 1, _HANDSHAKE_LIMIT),
+            },
+        ),
     )
     path = _text("database.path", db.get("path", "db/controllers.json"))
     return Config(server=server, docker=docker_cfg, database_path=Path(path))
